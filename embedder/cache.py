@@ -1,0 +1,214 @@
+"""Process-wide cache of transformer weights and tokenizers.
+
+The cluster's version of AllenNLP's ``cached_transformers`` and
+``PretrainedBertModel`` cache: a model spec loads once per process, whatever
+number of embedders use it; a trainable embedder asks for its own copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from embedder.weights import load_weights_file
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn a dtype name ("bf16", "float32", ...) or a torch dtype into a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def _freeze(value: Any) -> Any:
+    """Make kwargs hashable so they can be part of a cache key."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that changes the loaded weights: the cache key."""
+
+    model_name: str
+    override_weights_file: str | None = None
+    override_weights_strip_prefix: str | None = None
+    dtype: str | None = None
+    load_kwargs: tuple = field(default=())
+
+    @classmethod
+    def create(
+        cls,
+        model_name: str | Path,
+        *,
+        override_weights_file: str | Path | None = None,
+        override_weights_strip_prefix: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        **load_kwargs: Any,
+    ) -> "ModelSpec":
+        torch_dtype = resolve_dtype(dtype)
+        return cls(
+            model_name=str(model_name),
+            override_weights_file=None if override_weights_file is None else str(override_weights_file),
+            override_weights_strip_prefix=override_weights_strip_prefix,
+            dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
+            load_kwargs=_freeze(load_kwargs),
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return resolve_dtype(self.dtype)
+
+    def key(self) -> str:
+        """A stable string form of the spec (used to name shared weights)."""
+        return repr(self)
+
+
+@dataclass
+class CacheInfo:
+    """Counters that tell how often the cache had to load from disk."""
+
+    model_loads: int = 0
+    model_hits: int = 0
+    tokenizer_loads: int = 0
+    tokenizer_hits: int = 0
+
+
+_lock = threading.RLock()
+_models: dict[ModelSpec, PreTrainedModel] = {}
+_tokenizers: dict[tuple, PreTrainedTokenizerBase] = {}
+_info = CacheInfo()
+
+
+def _load_model(spec: ModelSpec) -> PreTrainedModel:
+    kwargs = dict(spec.load_kwargs)
+    if spec.override_weights_file is None:
+        model = AutoModel.from_pretrained(spec.model_name, dtype=spec.torch_dtype, **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(spec.model_name, **kwargs)
+        model = AutoModel.from_config(config)
+        state_dict = load_weights_file(spec.override_weights_file, spec.override_weights_strip_prefix)
+        _load_override_state_dict(model, state_dict, spec.override_weights_file)
+        if spec.torch_dtype is not None:
+            model = model.to(spec.torch_dtype)
+    model.eval()
+    return model
+
+
+def _load_override_state_dict(
+    model: PreTrainedModel, state_dict: dict[str, torch.Tensor], source: str
+) -> None:
+    model_keys = set(model.state_dict())
+    matching = model_keys & set(state_dict)
+    if not matching:
+        raise ValueError(
+            f"None of the {len(state_dict)} tensors in {source} matches a parameter of "
+            f"{type(model).__name__} (check override_weights_strip_prefix)"
+        )
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys:
+        logger.warning("%s leaves %d parameters at their initial values: %s",
+                       source, len(result.missing_keys), result.missing_keys[:5])
+    if result.unexpected_keys:
+        logger.warning("%s has %d tensors the model does not use: %s",
+                       source, len(result.unexpected_keys), result.unexpected_keys[:5])
+
+
+def get_model(
+    model_name: str | Path,
+    *,
+    make_copy: bool = False,
+    override_weights_file: str | Path | None = None,
+    override_weights_strip_prefix: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    **load_kwargs: Any,
+) -> PreTrainedModel:
+    """Return the transformer for this spec, loading it once per process.
+
+    ``make_copy=True`` returns a deep copy (for training) and leaves the shared
+    instance untouched.
+    """
+    spec = ModelSpec.create(
+        model_name,
+        override_weights_file=override_weights_file,
+        override_weights_strip_prefix=override_weights_strip_prefix,
+        dtype=dtype,
+        **load_kwargs,
+    )
+    return get_model_for_spec(spec, make_copy=make_copy)
+
+
+def get_model_for_spec(spec: ModelSpec, *, make_copy: bool = False) -> PreTrainedModel:
+    """``get_model`` for an already built spec."""
+    with _lock:
+        model = _models.get(spec)
+        if model is None:
+            logger.info("Loading %s", spec)
+            model = _load_model(spec)
+            _models[spec] = model
+            _info.model_loads += 1
+        else:
+            _info.model_hits += 1
+    return copy.deepcopy(model) if make_copy else model
+
+
+def put_model(spec: ModelSpec, model: PreTrainedModel) -> None:
+    """Register a model built elsewhere (e.g. from shared weights) under its spec."""
+    with _lock:
+        _models[spec] = model
+
+
+def get_tokenizer(model_name: str | Path, **tokenizer_kwargs: Any) -> PreTrainedTokenizerBase:
+    """Return the tokenizer for a model, loading it once per process."""
+    key = (str(model_name), _freeze(tokenizer_kwargs))
+    with _lock:
+        tokenizer = _tokenizers.get(key)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_name), **tokenizer_kwargs)
+            _tokenizers[key] = tokenizer
+            _info.tokenizer_loads += 1
+        else:
+            _info.tokenizer_hits += 1
+    return tokenizer
+
+
+def cache_info() -> CacheInfo:
+    """A snapshot of the cache's load and hit counters."""
+    with _lock:
+        return copy.copy(_info)
+
+
+def clear_cache() -> None:
+    """Forget every cached model and tokenizer (and reset the counters)."""
+    global _info
+    with _lock:
+        _models.clear()
+        _tokenizers.clear()
+        _info = CacheInfo()

@@ -1,0 +1,110 @@
+"""FoldedBatch: the wire format between the tokenizer and the encoder.
+
+Plain numpy arrays only, so Ray's object store holds it zero-copy. The
+segments of every input are ragged (each keeps its own length) and
+concatenated into one id array; per-input metadata says how to unfold them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class FoldedBatch:
+    """The folded segments of a batch of inputs.
+
+    token_ids: every segment's ids (special tokens included), concatenated.
+    segment_lengths: length of each segment (at most ``max_length``).
+    segments_per_input: how many consecutive segments belong to each input.
+    num_wordpieces: length of each input's unfolded sequence (one set of specials).
+    num_start_tokens / num_end_tokens: specials the tokenizer puts around a segment.
+    type_ids: aligned with ``token_ids``; ``None`` when all are zero.
+    word_offsets / words_per_input: inclusive wordpiece span of each word in
+        its input's unfolded sequence, ``(-1, -1)`` for a word with no wordpieces.
+    wordpieces: each input's unfolded wordpiece strings, when asked for.
+    """
+
+    token_ids: np.ndarray
+    segment_lengths: np.ndarray
+    segments_per_input: np.ndarray
+    num_wordpieces: np.ndarray
+    num_start_tokens: int
+    num_end_tokens: int
+    type_ids: np.ndarray | None = None
+    word_offsets: np.ndarray | None = None
+    words_per_input: np.ndarray | None = None
+    wordpieces: list[list[str]] | None = None
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.segments_per_input)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segment_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the encoder computes for this batch (specials of every segment included)."""
+        return int(self.token_ids.shape[0])
+
+    @property
+    def has_words(self) -> bool:
+        return self.word_offsets is not None
+
+    def segment_starts(self) -> np.ndarray:
+        """Offset of each segment in ``token_ids``."""
+        return np.concatenate(([0], np.cumsum(self.segment_lengths)[:-1])).astype(np.int64)
+
+    def input_segment_starts(self) -> np.ndarray:
+        """Index of each input's first segment."""
+        return np.concatenate(([0], np.cumsum(self.segments_per_input)[:-1])).astype(np.int64)
+
+    def word_starts(self) -> np.ndarray:
+        """Index of each input's first word in ``word_offsets``."""
+        if self.words_per_input is None:
+            raise ValueError("this batch was not built from words")
+        return np.concatenate(([0], np.cumsum(self.words_per_input)[:-1])).astype(np.int64)
+
+    def segment_ids(self, segment: int) -> np.ndarray:
+        start = int(self.segment_starts()[segment])
+        return self.token_ids[start:start + int(self.segment_lengths[segment])]
+
+    def input_offsets(self, index: int) -> np.ndarray:
+        """The word offsets of one input."""
+        start = int(self.word_starts()[index])
+        return self.word_offsets[start:start + int(self.words_per_input[index])]
+
+    @classmethod
+    def concat(cls, batches: Sequence["FoldedBatch"]) -> "FoldedBatch":
+        """Join batches that share one tokenizer into one batch (inputs in order)."""
+        if not batches:
+            raise ValueError("no batches to concatenate")
+        first = batches[0]
+        if any((b.num_start_tokens, b.num_end_tokens) != (first.num_start_tokens, first.num_end_tokens)
+               for b in batches):
+            raise ValueError("batches come from tokenizers with different special tokens")
+        if len(batches) == 1:
+            return first
+        with_types = any(b.type_ids is not None for b in batches)
+        with_words = all(b.has_words for b in batches)
+        with_pieces = all(b.wordpieces is not None for b in batches)
+        return cls(
+            token_ids=np.concatenate([b.token_ids for b in batches]),
+            segment_lengths=np.concatenate([b.segment_lengths for b in batches]),
+            segments_per_input=np.concatenate([b.segments_per_input for b in batches]),
+            num_wordpieces=np.concatenate([b.num_wordpieces for b in batches]),
+            num_start_tokens=first.num_start_tokens,
+            num_end_tokens=first.num_end_tokens,
+            type_ids=np.concatenate([
+                b.type_ids if b.type_ids is not None else np.zeros_like(b.token_ids, dtype=np.int32)
+                for b in batches
+            ]) if with_types else None,
+            word_offsets=np.concatenate([b.word_offsets for b in batches]) if with_words else None,
+            words_per_input=np.concatenate([b.words_per_input for b in batches]) if with_words else None,
+            wordpieces=[p for b in batches for p in b.wordpieces] if with_pieces else None,
+        )

@@ -1,0 +1,236 @@
+"""Text, sentence pairs or pre-split words -> wordpiece ids, folded for long inputs.
+
+``PretrainedTransformerIndexer`` plays AllenNLP's ``PretrainedTransformerIndexer``
+and ``PretrainedTransformerMismatchedIndexer``: ``fold`` gives the ragged
+numpy ``FoldedBatch`` of the serving path, calling the indexer gives AllenNLP's
+padded torch layout for use inside a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedder.cache import get_tokenizer
+from embedder.folded_batch import FoldedBatch
+from embedder.folding import fold_pieces
+from embedder.special_tokens import SpecialTokens
+
+
+@dataclass
+class _Sequence:
+    """One input before folding: its wordpieces without specials, and optionally
+    the tokenizer's own encoding with specials (kept as is when it fits)."""
+
+    pieces: list[int]
+    piece_type_ids: list[int] | None = None
+    full_ids: list[int] | None = None
+    full_type_ids: list[int] | None = None
+    word_offsets: list[tuple[int, int]] | None = None
+
+
+class PretrainedTransformerIndexer:
+    """Tokenizes and folds inputs for a transformer.
+
+    ``max_length`` (optional) folds an input longer than it into segments of at
+    most ``max_length`` wordpieces each, every segment with the tokenizer's specials.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        max_length: int | None = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.model_name = str(model_name)
+        self.max_length = max_length
+        self.tokenizer = get_tokenizer(model_name, **(tokenizer_kwargs or {}))
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        if max_length is not None and max_length <= self.special.num_added:
+            raise ValueError(f"max_length {max_length} leaves no room beside "
+                             f"{self.special.num_added} special tokens")
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def __call__(
+        self,
+        texts: Sequence[str] | None = None,
+        *,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        words: Sequence[Sequence[str]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """AllenNLP's padded tensors: ``token_ids``, ``mask``, ``type_ids``, plus
+        ``segment_concat_mask`` with ``max_length``, and ``offsets`` and
+        ``wordpiece_mask`` for words (then ``mask`` is the word mask)."""
+        return to_padded_tensors(self.fold(texts, pairs=pairs, words=words), self.pad_token_id,
+                                 folded=self.max_length is not None)
+
+    def fold(
+        self,
+        texts: Sequence[str] | None = None,
+        *,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        words: Sequence[Sequence[str]] | None = None,
+        truncate: bool = False,
+        return_wordpieces: bool = False,
+    ) -> FoldedBatch:
+        """Tokenize exactly one of ``texts``, ``pairs`` or ``words`` into a ``FoldedBatch``.
+
+        Long inputs are folded; with ``truncate`` only their first segment is kept.
+        """
+        if sum(x is not None for x in (texts, pairs, words)) != 1:
+            raise ValueError("give exactly one of texts, pairs or words")
+        if texts is not None:
+            sequences = self._from_texts(_check_strings(texts, "texts"))
+        elif pairs is not None:
+            sequences = self._from_pairs(pairs)
+        else:
+            sequences = self._from_words(words)
+        return self._assemble(sequences, truncate=truncate, return_wordpieces=return_wordpieces)
+
+    def _from_texts(self, texts: list[str]) -> list[_Sequence]:
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+        return [_Sequence(pieces=ids) for ids in encoded]
+
+    def _from_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[_Sequence]:
+        if isinstance(pairs, (str, bytes)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise TypeError("pairs must be a list of (text, text) pairs")
+        firsts = _check_strings([p[0] for p in pairs], "pairs")
+        seconds = _check_strings([p[1] for p in pairs], "pairs")
+        encoded = self.tokenizer(firsts, seconds, add_special_tokens=True, return_attention_mask=False,
+                                 return_token_type_ids=True)
+        type_lists = encoded.get("token_type_ids") or [[0] * len(ids) for ids in encoded["input_ids"]]
+        start, end = self.special.num_start, self.special.num_end
+        return [
+            _Sequence(pieces=ids[start:len(ids) - end], piece_type_ids=types[start:len(types) - end],
+                      full_ids=ids, full_type_ids=types)
+            for ids, types in zip(encoded["input_ids"], type_lists)
+        ]
+
+    def _from_words(self, words: Sequence[Sequence[str]]) -> list[_Sequence]:
+        if isinstance(words, (str, bytes)) or not all(
+            isinstance(ws, (list, tuple)) and not isinstance(ws, str) for ws in words
+        ):
+            raise TypeError("words must be a list of lists of strings")
+        flat = _check_strings([w for ws in words for w in ws], "words")
+        encoded = self.tokenizer(flat, add_special_tokens=False, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"] if flat else []
+        sequences, position = [], 0
+        for ws in words:
+            pieces, offsets = [], []
+            for word_ids in encoded[position:position + len(ws)]:
+                if word_ids:
+                    offsets.append((len(pieces), len(pieces) + len(word_ids) - 1))
+                    pieces.extend(word_ids)
+                else:
+                    offsets.append((-1, -1))
+            position += len(ws)
+            sequences.append(_Sequence(pieces=pieces, word_offsets=offsets))
+        return sequences
+
+    def _assemble(self, sequences: list[_Sequence], *, truncate: bool, return_wordpieces: bool) -> FoldedBatch:
+        special = self.special
+        chunk = None if self.max_length is None else self.max_length - special.num_added
+        segment_ids: list[list[int]] = []
+        segment_types: list[list[int]] = []
+        segments_per_input, num_wordpieces, offsets, unfolded = [], [], [], []
+        for index, seq in enumerate(sequences):
+            kept = seq.pieces if (chunk is None or not truncate) else seq.pieces[:chunk]
+            full_fits = seq.full_ids is not None and (self.max_length is None or len(seq.full_ids) <= self.max_length)
+            if full_fits:
+                segs, types = [seq.full_ids], [seq.full_type_ids]
+                wordpiece_ids = seq.full_ids
+            else:
+                if chunk is None or len(kept) <= chunk:
+                    segs = [list(special.start_ids) + kept + list(special.end_ids)]
+                    piece_types = seq.piece_type_ids[:len(kept)] if seq.piece_type_ids else [0] * len(kept)
+                    types = [list(special.start_type_ids) + piece_types + list(special.end_type_ids)]
+                else:
+                    piece_types = seq.piece_type_ids[:len(kept)] if seq.piece_type_ids else None
+                    segs, types = fold_pieces(kept, piece_types, special, self.max_length)
+                wordpiece_ids = list(special.start_ids) + kept + list(special.end_ids)
+            if not wordpiece_ids:
+                raise ValueError(f"input {index} has no wordpieces")
+            segment_ids.extend(segs)
+            segment_types.extend(types)
+            segments_per_input.append(len(segs))
+            num_wordpieces.append(len(wordpiece_ids))
+            if seq.word_offsets is not None:
+                offsets.extend(_shift_offsets(seq.word_offsets, special.num_start, len(kept)))
+            if return_wordpieces:
+                unfolded.append(self.tokenizer.convert_ids_to_tokens(wordpiece_ids))
+        flat_types = np.fromiter((t for ts in segment_types for t in ts), dtype=np.int32)
+        with_words = sequences and sequences[0].word_offsets is not None
+        return FoldedBatch(
+            token_ids=np.fromiter((i for ids in segment_ids for i in ids), dtype=np.int32),
+            segment_lengths=np.array([len(s) for s in segment_ids], dtype=np.int32),
+            segments_per_input=np.array(segments_per_input, dtype=np.int32),
+            num_wordpieces=np.array(num_wordpieces, dtype=np.int32),
+            num_start_tokens=special.num_start,
+            num_end_tokens=special.num_end,
+            type_ids=flat_types if flat_types.any() else None,
+            word_offsets=np.array(offsets, dtype=np.int32).reshape(-1, 2) if with_words else None,
+            words_per_input=np.array([len(s.word_offsets) for s in sequences], dtype=np.int32)
+            if with_words else None,
+            wordpieces=unfolded if return_wordpieces else None,
+        )
+
+
+def _check_strings(values: Sequence[Any], name: str) -> list[str]:
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a list of strings, not a single string")
+    values = list(values)
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(f"{name}[{index}] is {type(value).__name__}, expected str")
+    return values
+
+
+def _shift_offsets(offsets: list[tuple[int, int]], shift: int, num_kept: int) -> list[tuple[int, int]]:
+    """Move word spans into unfolded-sequence coordinates; words cut off by truncation get (-1, -1)."""
+    shifted = []
+    for start, end in offsets:
+        if start < 0 or start >= num_kept:
+            shifted.append((-1, -1))
+        else:
+            shifted.append((start + shift, min(end, num_kept - 1) + shift))
+    return shifted
+
+
+def to_padded_tensors(batch: FoldedBatch, pad_token_id: int, *, folded: bool) -> dict[str, torch.Tensor]:
+    """Lay a ``FoldedBatch`` out as AllenNLP's padded tensors (see ``PretrainedTransformerIndexer``)."""
+    segment_starts = batch.segment_starts()
+    input_first_segment = batch.input_segment_starts()
+    concat_lengths = np.add.reduceat(batch.segment_lengths, input_first_segment) if batch.num_inputs else []
+    width = int(max(concat_lengths, default=0))
+    token_ids = torch.full((batch.num_inputs, width), pad_token_id, dtype=torch.long)
+    type_ids = torch.zeros((batch.num_inputs, width), dtype=torch.long)
+    segment_concat_mask = torch.zeros((batch.num_inputs, width), dtype=torch.bool)
+    for row, (first, length) in enumerate(zip(input_first_segment, concat_lengths)):
+        begin = segment_starts[first]
+        token_ids[row, :length] = torch.from_numpy(batch.token_ids[begin:begin + length].astype(np.int64))
+        if batch.type_ids is not None:
+            type_ids[row, :length] = torch.from_numpy(batch.type_ids[begin:begin + length].astype(np.int64))
+        segment_concat_mask[row, :length] = True
+    wordpiece_lengths = torch.from_numpy(batch.num_wordpieces.astype(np.int64))
+    wordpiece_mask = (torch.arange(int(batch.num_wordpieces.max(initial=0)))[None, :]
+                      < wordpiece_lengths[:, None])
+    output = {"token_ids": token_ids, "type_ids": type_ids}
+    if folded:
+        output["segment_concat_mask"] = segment_concat_mask
+    if not batch.has_words:
+        output["mask"] = wordpiece_mask
+        return output
+    num_words = torch.from_numpy(batch.words_per_input.astype(np.int64))
+    offsets = torch.zeros((batch.num_inputs, int(batch.words_per_input.max(initial=0)), 2), dtype=torch.long)
+    for row, start in enumerate(batch.word_starts()):
+        count = int(batch.words_per_input[row])
+        offsets[row, :count] = torch.from_numpy(batch.word_offsets[start:start + count].astype(np.int64))
+    output["offsets"] = offsets
+    output["wordpiece_mask"] = wordpiece_mask
+    output["mask"] = torch.arange(offsets.size(1))[None, :] < num_words[:, None]
+    return output

@@ -1,0 +1,154 @@
+"""``encode_folded``: the inference path that the serving and bulk code call.
+
+Segments of one or many ``FoldedBatch`` es are sorted by length and run in
+sub-batches bounded by a token budget, each padded only to its own longest
+segment; the output is unfolded and returned per input, as wordpiece, word or
+pooled vectors. It equals ``PretrainedTransformerEmbedder.forward`` on the
+same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, overload
+
+import numpy as np
+import torch
+
+from embedder.batching import padded_tokens, plan_sub_batches
+from embedder.folded_batch import FoldedBatch
+from embedder.folding import unfold_index
+from embedder.sentence_pooling import PoolingMode, pool_ragged
+from embedder.transformer_embedder import PretrainedTransformerEmbedder, check_type_ids
+from embedder.word_pooling import SubTokenMode, pool_spans
+
+Level = Literal["pooled", "wordpiece", "word"]
+LEVELS: tuple[str, ...] = ("pooled", "wordpiece", "word")
+
+#: pooled: ``[num_inputs, dim]``; wordpiece / word: one ``[length, dim]`` array per input.
+Encoded = np.ndarray | list[np.ndarray]
+
+
+@dataclass
+class EncodeStats:
+    """What a call of ``encode_folded`` computed."""
+
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    sub_batches: int = 0
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Real tokens / computed tokens (1.0 means no padding at all)."""
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+
+def _run_segments(
+    embedder: PretrainedTransformerEmbedder,
+    batch: FoldedBatch,
+    max_batch_tokens: int,
+    stats: EncodeStats | None,
+) -> torch.Tensor:
+    """Every segment's output, laid out like ``batch.token_ids``: ``[num_tokens, dim]``."""
+    device = embedder.device
+    lengths = batch.segment_lengths.astype(np.int64)
+    starts = batch.segment_starts()
+    pin = device.type == "cuda"
+    token_ids = torch.from_numpy(batch.token_ids.astype(np.int64))
+    type_ids = None if batch.type_ids is None else torch.from_numpy(batch.type_ids.astype(np.int64))
+    output = torch.empty(batch.num_tokens, embedder.get_output_dim(), dtype=torch.float32, device=device)
+    groups = plan_sub_batches(lengths, max_batch_tokens)
+    for group in groups:
+        group_lengths = lengths[group]
+        width = int(group_lengths.max())
+        positions = np.arange(width)
+        mask_np = positions[None, :] < group_lengths[:, None]
+        source = torch.from_numpy(np.where(mask_np, starts[group][:, None] + positions[None, :], 0))
+        mask = torch.from_numpy(mask_np)
+        ids = token_ids[source].masked_fill_(~mask, embedder.pad_token_id)
+        types = None if type_ids is None else type_ids[source].masked_fill_(~mask, 0)
+        if pin:
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+            types = None if types is None else types.pin_memory()
+        ids = ids.to(device, non_blocking=True)
+        mask_device = mask.to(device, non_blocking=True)
+        types = None if types is None else types.to(device, non_blocking=True)
+        hidden = embedder.encode_segments(ids, mask_device, types)
+        output[source[mask].to(device, non_blocking=True)] = hidden[mask_device].float()
+    if stats is not None:
+        stats.real_tokens += batch.num_tokens
+        stats.computed_tokens += padded_tokens(lengths, groups)
+        stats.sub_batches += len(groups)
+    return output
+
+
+def _split_rows(rows: torch.Tensor, sizes: np.ndarray) -> list[np.ndarray]:
+    return [part.cpu().numpy() for part in torch.split(rows, sizes.tolist())]
+
+
+@overload
+def encode_folded(embedder: PretrainedTransformerEmbedder, batches: FoldedBatch, **kwargs) -> Encoded: ...
+@overload
+def encode_folded(embedder: PretrainedTransformerEmbedder, batches: Sequence[FoldedBatch], **kwargs) -> list[Encoded]: ...
+
+
+def encode_folded(
+    embedder: PretrainedTransformerEmbedder,
+    batches: FoldedBatch | Sequence[FoldedBatch],
+    *,
+    level: Level = "pooled",
+    pooling: PoolingMode = "mean",
+    normalize: bool = False,
+    sub_token_mode: SubTokenMode = "avg",
+    max_batch_tokens: int = 16384,
+    stats: EncodeStats | None = None,
+) -> Encoded | list[Encoded]:
+    """Encode one ``FoldedBatch`` (or several, batched together) into float32 arrays.
+
+    ``level="pooled"`` gives ``[num_inputs, dim]`` per batch; ``"wordpiece"`` one
+    ``[num_wordpieces, dim]`` array per input; ``"word"`` one ``[num_words, dim]``
+    array per input (the batch must come from words). ``stats`` (optional) is
+    filled with the tokens computed and the padding efficiency.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"Unknown level {level!r}; expected one of {LEVELS}")
+    single = isinstance(batches, FoldedBatch)
+    batch_list = [batches] if single else list(batches)
+    if not batch_list:
+        return []
+    merged = FoldedBatch.concat(batch_list)
+    special = embedder.special_tokens
+    if (merged.num_start_tokens, merged.num_end_tokens) != (special.num_start, special.num_end):
+        raise ValueError("the batch was folded by a tokenizer with other special tokens than the embedder's")
+    if level == "word" and not merged.has_words:
+        raise ValueError("level='word' needs a batch built from words")
+    if merged.type_ids is not None:
+        check_type_ids(torch.from_numpy(merged.type_ids), embedder.type_vocab_size)
+    if merged.num_inputs == 0:
+        results = [np.zeros((0, embedder.get_output_dim()), np.float32) if level == "pooled" else []
+                   for _ in batch_list]
+        return results[0] if single else results
+    if embedder.max_length is not None and int(merged.segment_lengths.max()) > embedder.max_length:
+        raise ValueError(f"a segment is longer than the embedder's max_length {embedder.max_length}")
+
+    with torch.inference_mode():
+        flat = _run_segments(embedder, merged, max_batch_tokens, stats)
+        unfolded = flat[torch.from_numpy(unfold_index(merged)).to(flat.device)]
+        inputs_per_batch = np.array([b.num_inputs for b in batch_list])
+        if level == "pooled":
+            pooled = pool_ragged(unfolded, torch.from_numpy(merged.num_wordpieces), pooling, normalize)
+            results = _split_rows(pooled, inputs_per_batch)
+        else:
+            sequences = torch.split(unfolded, merged.num_wordpieces.tolist())
+            if level == "word":
+                offsets = torch.from_numpy(merged.word_offsets.astype(np.int64)).to(flat.device)
+                word_starts = merged.word_starts()
+                sequences = [
+                    pool_spans(seq.unsqueeze(0), offsets[start:start + count].unsqueeze(0), sub_token_mode)[0]
+                    for seq, start, count in zip(sequences, word_starts, merged.words_per_input)
+                ]
+            arrays = [seq.cpu().numpy() for seq in sequences]
+            bounds = np.cumsum(inputs_per_batch)
+            results = [arrays[end - n:end] for end, n in zip(bounds, inputs_per_batch)]
+    return results[0] if single else results
