@@ -1,0 +1,23 @@
+"""The cluster: config, the Serve app, the Python client, the CLI."""
+
+from cluster.client import EmbeddingClient
+from cluster.config import ClusterConfig, ModelConfig, load_config
+from deployments.errors import (
+    BadRequestError,
+    EmbeddingRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnknownModelError,
+)
+
+__all__ = [
+    "BadRequestError",
+    "ClusterConfig",
+    "EmbeddingClient",
+    "EmbeddingRequestError",
+    "ModelConfig",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "UnknownModelError",
+    "load_config",
+]

@@ -92,7 +92,7 @@ class PretrainedTransformerIndexer:
         return self._assemble(sequences, truncate=truncate, return_wordpieces=return_wordpieces)
 
     def _from_texts(self, texts: list[str]) -> list[_Sequence]:
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False,
                                  return_token_type_ids=False)["input_ids"]
         return [_Sequence(pieces=ids) for ids in encoded]
 
@@ -101,7 +101,7 @@ class PretrainedTransformerIndexer:
             raise TypeError("pairs must be a list of (text, text) pairs")
         firsts = _check_strings([p[0] for p in pairs], "pairs")
         seconds = _check_strings([p[1] for p in pairs], "pairs")
-        encoded = self.tokenizer(firsts, seconds, add_special_tokens=True, return_attention_mask=False,
+        encoded = self.tokenizer(firsts, seconds, add_special_tokens=True, return_attention_mask=False, verbose=False,
                                  return_token_type_ids=True)
         type_lists = encoded.get("token_type_ids") or [[0] * len(ids) for ids in encoded["input_ids"]]
         start, end = self.special.num_start, self.special.num_end
@@ -117,7 +117,7 @@ class PretrainedTransformerIndexer:
         ):
             raise TypeError("words must be a list of lists of strings")
         flat = _check_strings([w for ws in words for w in ws], "words")
-        encoded = self.tokenizer(flat, add_special_tokens=False, return_attention_mask=False,
+        encoded = self.tokenizer(flat, add_special_tokens=False, return_attention_mask=False, verbose=False,
                                  return_token_type_ids=False)["input_ids"] if flat else []
         sequences, position = [], 0
         for ws in words:

@@ -56,6 +56,17 @@ def run_transformer(
     return model(**parameters)[0]
 
 
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn gradient (activation) checkpointing on or off through the current
+    transformers API (``activation_checkpointing_*``, formerly ``gradient_checkpointing_*``)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if enabled:
+        getattr(model, f"{prefix}_checkpointing_enable")(
+            **{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
 def train_keeping_frozen(module: torch.nn.Module, mode: bool, frozen_child: str, frozen: bool) -> torch.nn.Module:
     """``Module.train`` that leaves a frozen child in eval mode (dropout off)."""
     module.training = mode
@@ -98,10 +109,8 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
             dtype=dtype,
             **load_kwargs,
         )
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif gradient_checkpointing is False:
-            model.gradient_checkpointing_disable()
+        if gradient_checkpointing is not None:
+            set_activation_checkpointing(model, gradient_checkpointing)
         self.config = model.config
         if sub_module:
             if not hasattr(model, sub_module):
@@ -117,9 +126,9 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.type_vocab_size = number_of_token_type_embeddings(self.config)
         self.train_parameters = train_parameters
+        for parameter in self.transformer_model.parameters():
+            parameter.requires_grad = train_parameters
         if not train_parameters:
-            for parameter in self.transformer_model.parameters():
-                parameter.requires_grad = False
             self.transformer_model.eval()
 
     def get_output_dim(self) -> int:

@@ -1,0 +1,93 @@
+"""The ``embedding-cluster`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from cluster.config import ClusterConfig, load_config
+
+logger = logging.getLogger("embedding_cluster")
+
+
+def _config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    config = load_config(args.config)
+    http = config.http.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    api_key = args.api_key or os.environ.get("EMBEDDING_CLUSTER_API_KEY") or config.api_key
+    return config.model_copy(update={"http": http, "api_key": api_key})
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Start (or join) Ray, deploy the app, serve until SIGINT/SIGTERM, then shut down cleanly."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    config = _config_from_args(args)
+    if config.http.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("HTTP binds %s: the API is reachable from other machines%s", config.http.host,
+                       "" if config.api_key else " and has no API key (--api-key)")
+    joined = args.address is not None
+    ray.init(address=args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        logger.info("deploying %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+        print(f"embedding-cluster ready: http://{config.http.host}:{config.http.port} "
+              f"(docs at /docs; Ctrl-C to stop)", flush=True)
+        stop.wait()
+        logger.info("stopping: draining requests in flight")
+    finally:
+        if joined:
+            serve.delete(config.app_name)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    print("embedding-cluster stopped", flush=True)
+    return 0
+
+
+def config_command(args: argparse.Namespace) -> int:
+    """Print the default config (or the given one, validated) as YAML."""
+    sys.stdout.write(load_config(args.config).to_yaml())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedding-cluster",
+                                     description="Transformer embeddings served by a Ray Serve cluster.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's and the replicas' logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the cluster and serve HTTP until Ctrl-C")
+    serve.add_argument("--config", help="a ClusterConfig YAML file (default: the bundled all-MiniLM-L6-v2)")
+    serve.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 exposes the API)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--address", help="join this Ray cluster (HEAD:PORT or 'auto') instead of starting one")
+    serve.add_argument("--api-key", help="require this key on every route but /health "
+                                         "(default: $EMBEDDING_CLUSTER_API_KEY)")
+    serve.set_defaults(func=serve_command)
+
+    config = commands.add_parser("config", help="print the default config as YAML")
+    config.add_argument("--config", help="validate and print this config file instead")
+    config.set_defaults(func=config_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""``EmbeddingClient``: the running cluster from Python, through the app's Ray Serve handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentResponse
+
+from deployments.errors import EmbeddingRequestError
+from deployments.ingress import cause_of
+
+
+def _raise_cause(error: BaseException) -> None:
+    """Re-raise what the cluster raised (``BadRequestError``, ``UnknownModelError``, ...)
+    without Ray's wrapping."""
+    cause = cause_of(error)
+    if isinstance(cause, EmbeddingRequestError):
+        raise type(cause)(cause.message) from None
+    raise error
+
+
+class EmbeddingClient:
+    """Calls a running cluster's app by handle: no HTTP, no JSON, numpy in and out.
+
+    Joins the Ray cluster at ``address`` (default: the one this machine runs,
+    ``"auto"``) unless this process is connected already.
+    """
+
+    def __init__(self, address: str | None = None, app_name: str = "embeddings") -> None:
+        if not ray.is_initialized():
+            ray.init(address=address or "auto", log_to_driver=False)
+        self._handle = serve.get_app_handle(app_name)
+
+    def _call(self, method: str, **kwargs: Any) -> DeploymentResponse:
+        return getattr(self._handle, method).remote(**kwargs)
+
+    @staticmethod
+    def _result(response: DeploymentResponse) -> Any:
+        try:
+            return response.result()
+        except Exception as error:
+            _raise_cause(error)
+
+    @staticmethod
+    async def _aresult(response: DeploymentResponse) -> Any:
+        try:
+            return await response
+        except Exception as error:
+            _raise_cause(error)
+
+    # --- blocking -------------------------------------------------------------
+
+    def embed(self, texts: str | list[str], model: str | None = None, pooling: str | None = None,
+              normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None) -> np.ndarray:
+        """One pooled vector per text: ``[n, dim]`` float32."""
+        return self._result(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
+                                       normalize=normalize, truncate=truncate, dimensions=dimensions))[0]
+
+    def embed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
+                     model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",
+                     truncate: bool = False) -> list[np.ndarray]:
+        """Per input, one vector per wordpiece (``level="wordpiece"``) or per word (``"word"``)."""
+        return self._result(self._call("embed_token_vectors", texts=texts, words=words, model=model, level=level,
+                                       sub_token_mode=sub_token_mode, truncate=truncate))[0]
+
+    def tokenize(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
+                 model: str | None = None, truncate: bool = False) -> list[dict]:
+        """Per input: its wordpieces, ids, number of segments (and word offsets for words)."""
+        return self._result(self._call("tokenize_inputs", texts=texts, words=words, model=model, truncate=truncate))
+
+    def models(self) -> list[dict]:
+        """The served models and their settings."""
+        return self._result(self._call("list_models"))
+
+    # --- async twins ----------------------------------------------------------
+
+    async def aembed(self, texts: str | list[str], model: str | None = None, pooling: str | None = None,
+                     normalize: bool | None = None, truncate: bool = False,
+                     dimensions: int | None = None) -> np.ndarray:
+        return (await self._aresult(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
+                                               normalize=normalize, truncate=truncate, dimensions=dimensions)))[0]
+
+    async def aembed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
+                            model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",
+                            truncate: bool = False) -> list[np.ndarray]:
+        return (await self._aresult(self._call("embed_token_vectors", texts=texts, words=words, model=model,
+                                               level=level, sub_token_mode=sub_token_mode, truncate=truncate)))[0]
+
+    async def atokenize(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
+                        model: str | None = None, truncate: bool = False) -> list[dict]:
+        return await self._aresult(self._call("tokenize_inputs", texts=texts, words=words, model=model,
+                                              truncate=truncate))
+
+    async def amodels(self) -> list[dict]:
+        return await self._aresult(self._call("list_models"))

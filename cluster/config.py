@@ -1,0 +1,78 @@
+"""``ClusterConfig``: the whole cluster in one pydantic model, loadable from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.settings import (
+    IngressSettings,
+    LimitsSettings,
+    ModelConfig,
+    ServingSettings,
+    TokenizerSettings,
+)
+
+__all__ = ["ClusterConfig", "HTTPConfig", "IngressSettings", "LimitsSettings", "ModelConfig",
+           "TokenizerSettings", "load_config"]
+
+
+class HTTPConfig(BaseModel):
+    """Where Serve's HTTP proxy listens. 127.0.0.1 by default: binding 0.0.0.0 exposes the API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class ClusterConfig(BaseModel):
+    """Models to serve, and how the tokenizer, the ingress and HTTP run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_name: str = "embeddings"
+    route_prefix: str = "/"
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' on every route "
+                                                  "but /health (also EMBEDDING_CLUSTER_API_KEY).")
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "ClusterConfig":
+        self.serving()
+        return self
+
+    def serving(self) -> ServingSettings:
+        """The part of the config the ingress needs."""
+        return ServingSettings(models=self.models, limits=self.limits, api_key=self.api_key)
+
+    def model(self, name: str) -> ModelConfig:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(f"no model named {name!r} in the config; it has {[m.name for m in self.models]}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "ClusterConfig":
+        return cls.model_validate(yaml.safe_load(text) or {})
+
+
+def load_config(source: str | Path | dict[str, Any] | ClusterConfig | None = None) -> ClusterConfig:
+    """A config from a YAML file, a dict, or the default (``None``)."""
+    if source is None:
+        return ClusterConfig()
+    if isinstance(source, ClusterConfig):
+        return source
+    if isinstance(source, dict):
+        return ClusterConfig.model_validate(source)
+    return ClusterConfig.from_yaml(Path(source).read_text())

@@ -1,0 +1,139 @@
+"""The encoder deployment: one per served model, batching folded inputs across requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from ray import serve
+
+from deployments.errors import BadRequestError
+from deployments.metrics import EncoderMetrics
+from deployments.protocol import EncodeOptions, EncodeResult
+from deployments.settings import ModelConfig
+from embedder.devices import choose_dtype, resolve_device
+from embedder.folded_batch import FoldedBatch
+from embedder.inference import EncodeStats, encode_folded
+from embedder.transformer_embedder import PretrainedTransformerEmbedder, check_type_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    """A request waiting in the encoder's batch queue."""
+
+    batch: FoldedBatch
+    options: EncodeOptions
+    weight: int
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def tokens_in(items: list[_Pending]) -> int:
+    """``batch_size_fn`` of the encoder: a batch is bounded by tokens, not by requests."""
+    return sum(item.weight for item in items)
+
+
+@serve.deployment(name="encoder")
+class Encoder:
+    """Runs one model. Requests are batched by ``@serve.batch`` up to
+    ``max_batch_tokens`` tokens; each batch is encoded (length-sorted
+    sub-batches, unfolded, pooled) on a worker thread so that the replica keeps
+    accepting requests while the model runs."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self._config = model
+        self._device = resolve_device(model.device)
+        if self._device.type == "cpu":
+            torch.set_num_threads(max(1, int(round(model.num_cpus))))
+        dtype = choose_dtype(model.dtype, self._device)
+        self._embedder = PretrainedTransformerEmbedder(
+            model.model_name,
+            transformer_kwargs={**model.transformer_kwargs, "dtype": dtype},
+            **model.embedder_kwargs(),
+        ).to(self._device)
+        self._pooling = model.pooling_defaults()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{model.name}")
+        self._metrics = EncoderMetrics(model.name)
+        self._encode_batch.set_max_batch_size(model.max_batch_tokens)
+        self._encode_batch.set_batch_wait_timeout_s(model.batch_wait_timeout_s)
+        self._warm_up()
+        logger.info("encoder %s ready on %s (%s)", model.name, self._device, dtype)
+
+    def _warm_up(self) -> None:
+        from embedder.indexer import PretrainedTransformerIndexer
+
+        indexer = PretrainedTransformerIndexer(self._config.model_name, max_length=self._config.max_length,
+                                               tokenizer_kwargs=self._config.tokenizer_kwargs or None)
+        encode_folded(self._embedder, indexer.fold(["warm up the encoder"]))
+
+    def info(self) -> dict:
+        """What ``GET /models`` shows about this model."""
+        config = self._embedder.config
+        return {
+            "model_name": self._config.model_name,
+            "dim": self._embedder.get_output_dim(),
+            "dtype": str(self._embedder.dtype).removeprefix("torch."),
+            "device": str(self._device),
+            "max_length": self._config.max_length,
+            "layers": int(config.num_hidden_layers),
+            "last_layer_only": self._config.last_layer_only,
+            "pooling": self._pooling.mode,
+            "normalize": self._pooling.normalize,
+        }
+
+    def _validate(self, batch: FoldedBatch, options: EncodeOptions) -> None:
+        if options.level == "word" and not batch.has_words:
+            raise BadRequestError("level 'word' needs pre-split words")
+        if batch.type_ids is not None:
+            try:
+                check_type_ids(torch.from_numpy(batch.type_ids), self._embedder.type_vocab_size)
+            except ValueError as error:
+                raise BadRequestError(f"model {self._config.name!r}: {error}") from None
+
+    async def encode(self, batch: FoldedBatch, options: EncodeOptions) -> EncodeResult:
+        """Encode one request's folded inputs (batched with other requests)."""
+        self._validate(batch, options)
+        weight = min(batch.num_tokens, self._config.max_batch_tokens)
+        return await self._encode_batch(_Pending(batch, options, weight))
+
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=tokens_in)
+    async def _encode_batch(self, items: list[_Pending]) -> list[EncodeResult]:
+        started = time.monotonic()
+        for item in items:
+            self._metrics.queue_wait.observe(1000 * (started - item.enqueued), tags=self._metrics.tags)
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, self._encode_items, items)
+        self._metrics.batch_latency.observe(1000 * (time.monotonic() - started), tags=self._metrics.tags)
+        return results
+
+    def _encode_items(self, items: list[_Pending]) -> list[EncodeResult]:
+        """Encode a batch of requests; requests with the same options share one pass."""
+        groups: dict[EncodeOptions, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.options].append(index)
+        results: list[EncodeResult | None] = [None] * len(items)
+        stats = EncodeStats()
+        for options, indices in groups.items():
+            batches = [items[i].batch for i in indices]
+            vectors = encode_folded(
+                self._embedder,
+                batches,
+                level=options.level,
+                pooling=options.pooling or self._pooling.mode,
+                normalize=self._pooling.normalize if options.normalize is None else options.normalize,
+                sub_token_mode=options.sub_token_mode,
+                max_batch_tokens=self._config.max_batch_tokens,
+                stats=stats,
+            )
+            for i, batch, output in zip(indices, batches, vectors):
+                results[i] = EncodeResult(vectors=output, num_wordpieces=batch.num_wordpieces,
+                                          wordpieces=batch.wordpieces)
+        self._metrics.batch_tokens.observe(stats.real_tokens, tags=self._metrics.tags)
+        self._metrics.padding_efficiency.set(stats.padding_efficiency, tags=self._metrics.tags)
+        return results

@@ -1,0 +1,405 @@
+"""The HTTP ingress (FastAPI through ``@serve.ingress``) and the handle API behind it.
+
+Each request is validated here, tokenized by the tokenizer deployment and
+encoded by its model's encoder deployment: the tokenizer's response is passed
+straight into the encoder call, so the folded batch travels tokenizer ->
+encoder through the object store, never through this replica.
+"""
+
+
+import base64
+import hmac
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.errors import (
+    BadRequestError,
+    EmbeddingRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+    UnknownModelError,
+)
+from deployments.metrics import IngressMetrics
+from deployments.protocol import EncodeOptions, EncodeResult, FoldRequest
+from deployments.schema import (
+    EmbedRequest,
+    EmbedResponse,
+    EmbedTokensRequest,
+    EmbedTokensResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelCard,
+    ModelsResponse,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from deployments.settings import ServingSettings
+from embedder.folded_batch import FoldedBatch
+from embedder.folding import unfold_index
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 503)}
+
+
+class JSONBytesResponse(Response):
+    """JSON through orjson, numpy arrays included (far faster than lists of Python floats)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_body(message: str, error_type: str, code: int) -> Response:
+    """The JSON of every error: ``{"error": {"message", "type", "code", "param"}}``."""
+    headers = {"Retry-After": RETRY_AFTER_S} if code == 503 else None
+    body = {"error": {"message": message, "type": error_type, "code": code, "param": None}}
+    return JSONBytesResponse(body, status_code=code, headers=headers)
+
+
+def error_response(error: EmbeddingRequestError) -> Response:
+    return error_body(error.message, error.error_type, error.status_code)
+
+
+def cause_of(error: BaseException) -> BaseException:
+    """The exception a replica raised, without Ray's wrapping (and its traceback text)."""
+    while isinstance(error, RayTaskError) and error.cause is not None and error.cause is not error:
+        error = error.cause
+    return error
+
+
+def as_request_error(error: BaseException) -> EmbeddingRequestError | None:
+    """Map what a deployment call raised to the client's error, or ``None`` for a server fault."""
+    error = cause_of(error)
+    if isinstance(error, EmbeddingRequestError):
+        return type(error)(error.message)
+    if isinstance(error, (BackPressureError, DeploymentUnavailableError)):
+        return OverloadedError("the cluster is at capacity; retry shortly")
+    return None
+
+
+app = FastAPI(
+    title="embedding-cluster",
+    description="Transformer embeddings with AllenNLP's embedder semantics, served by Ray Serve.",
+    version="0.1.0",
+    responses=ERROR_RESPONSES,
+)
+
+
+@app.exception_handler(EmbeddingRequestError)
+async def _request_error(_: Request, error: EmbeddingRequestError) -> Response:
+    return error_response(error)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> Response:
+    problems = error.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return error_response(BadRequestError("malformed JSON body"))
+    parts = []
+    for problem in problems[:5]:
+        location = ".".join(str(x) for x in problem.get("loc", ()) if x != "body")
+        parts.append(f"{location or 'body'}: {problem.get('msg', 'invalid')}")
+    return error_body("; ".join(parts), "invalid_request_error", 422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
+    response = error_body(str(error.detail), "http_error", error.status_code)
+    response.headers.update(error.headers or {})
+    return response
+
+
+def _check_texts(value: Any, limits, name: str = "input") -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise BadRequestError(f"'{name}' must be a string or a list of strings, not {type(value).__name__}")
+    if not value:
+        raise BadRequestError(f"'{name}' is an empty list")
+    if len(value) > limits.max_inputs_per_request:
+        raise PayloadTooLargeError(f"{len(value)} inputs in one request, over the limit of "
+                                   f"{limits.max_inputs_per_request}")
+    for index, text in enumerate(value):
+        if not isinstance(text, str):
+            raise BadRequestError(f"{name}[{index}] is {type(text).__name__}, expected a string")
+        if not text.strip():
+            raise BadRequestError(f"{name}[{index}] is empty or whitespace only")
+        if len(text) > limits.max_chars_per_input:
+            raise PayloadTooLargeError(f"{name}[{index}] has {len(text)} characters, over the limit of "
+                                       f"{limits.max_chars_per_input}")
+    return list(value)
+
+
+def _check_words(value: Any, limits) -> list[list[str]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BadRequestError("'words' must be a non-empty list of lists of strings")
+    if len(value) > limits.max_inputs_per_request:
+        raise PayloadTooLargeError(f"{len(value)} inputs in one request, over the limit of "
+                                   f"{limits.max_inputs_per_request}")
+    for index, words in enumerate(value):
+        if not isinstance(words, (list, tuple)) or not words:
+            raise BadRequestError(f"words[{index}] must be a non-empty list of strings")
+        if not all(isinstance(w, str) for w in words):
+            raise BadRequestError(f"words[{index}] holds something that is not a string")
+        if sum(len(w) for w in words) > limits.max_chars_per_input:
+            raise PayloadTooLargeError(f"words[{index}] has more than {limits.max_chars_per_input} characters")
+    return [list(words) for words in value]
+
+
+def _truncate_dimensions(vectors: np.ndarray, dimensions: int | None, renormalize: bool) -> np.ndarray:
+    if dimensions is None:
+        return vectors
+    if dimensions > vectors.shape[1]:
+        raise BadRequestError(f"dimensions={dimensions} is more than the model's {vectors.shape[1]}")
+    vectors = vectors[:, :dimensions]
+    if renormalize:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def deployment_name(model: str) -> str:
+    """The encoder deployment's name for a served model."""
+    return "encoder-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(app)
+class Ingress:
+    """Routes, validation and errors; the Python client calls the ``embed_*`` methods
+    through the app's handle, HTTP clients the FastAPI routes."""
+
+    def __init__(self, settings: ServingSettings, tokenizer: DeploymentHandle,
+                 encoders: dict[str, DeploymentHandle]) -> None:
+        self._settings = settings
+        self._limits = settings.limits
+        self._tokenizer = tokenizer
+        self._encoders = encoders
+        self._default_model = settings.models[0].name
+        self._infos: dict[str, dict] = {}
+        self._metrics = IngressMetrics()
+
+    # --- the pipeline -------------------------------------------------------
+
+    def _model(self, model: str | None) -> str:
+        name = model or self._default_model
+        if name not in self._encoders:
+            raise UnknownModelError(f"no model named {name!r}; served: {sorted(self._encoders)}")
+        return name
+
+    async def _run(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except EmbeddingRequestError:
+            raise
+        except Exception as error:
+            mapped = as_request_error(error)
+            if mapped is None:
+                logger.error("deployment call failed: %s", type(cause_of(error)).__name__)
+                raise
+            raise mapped from None
+
+    async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
+        started = time.monotonic()
+        tags = {"model": fold.model, "route": route}
+        status = "error"
+        try:
+            folded = self._tokenizer.fold.remote(fold)
+            result: EncodeResult = await self._run(
+                lambda: self._encoders[fold.model].encode.remote(folded, options))
+            status = "ok"
+        except EmbeddingRequestError as error:
+            status = str(error.status_code)
+            raise
+        finally:
+            self._metrics.requests.inc(tags=tags | {"status": status})
+        self._metrics.inputs.inc(len(result.num_wordpieces), tags=tags)
+        self._metrics.wordpieces.inc(int(result.num_wordpieces.sum()), tags=tags)
+        self._metrics.latency.observe(1000 * (time.monotonic() - started), tags=tags)
+        return result
+
+    async def _model_info(self, name: str) -> dict:
+        if name not in self._infos:
+            self._infos[name] = await self._run(lambda: self._encoders[name].info.remote())
+        return self._infos[name]
+
+    def _authorize(self, request: Request) -> None:
+        key = self._settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise UnauthorizedError("missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+    def _check_body_size(self, request: Request) -> None:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
+            raise PayloadTooLargeError(f"the body has {length} bytes, over the limit of "
+                                       f"{self._limits.max_body_bytes}")
+
+    def _guard(self, request: Request) -> None:
+        self._authorize(request)
+        self._check_body_size(request)
+
+    # --- handle API (cluster.EmbeddingClient) --------------------------------
+
+    async def embed_texts(self, texts: Any, model: str | None = None, pooling: str | None = None,
+                          normalize: bool | None = None, truncate: bool = False,
+                          dimensions: int | None = None, route: str = "handle") -> tuple[np.ndarray, np.ndarray]:
+        """Pooled vectors ``[n, dim]`` and each input's wordpiece count."""
+        name = self._model(model)
+        texts = _check_texts(texts, self._limits)
+        options = EncodeOptions(level="pooled", pooling=pooling, normalize=normalize)
+        result = await self._encode(FoldRequest(model=name, texts=texts, truncate=truncate), options, route)
+        if dimensions is not None:
+            info = await self._model_info(name)
+            renormalize = info["normalize"] if normalize is None else normalize
+            return _truncate_dimensions(result.vectors, dimensions, renormalize), result.num_wordpieces
+        return result.vectors, result.num_wordpieces
+
+    async def embed_token_vectors(self, texts: Any = None, words: Any = None, model: str | None = None,
+                                  level: str = "wordpiece", sub_token_mode: str = "avg",
+                                  truncate: bool = False, route: str = "handle") -> tuple[list[np.ndarray], list[list[str]]]:
+        """Per input: ``[tokens, dim]`` vectors and the tokens (wordpieces, or the words)."""
+        name = self._model(model)
+        if level not in ("wordpiece", "word"):
+            raise BadRequestError(f"level must be 'wordpiece' or 'word', not {level!r}")
+        if sub_token_mode not in ("avg", "first", "last"):
+            raise BadRequestError(f"sub_token_mode must be avg, first or last, not {sub_token_mode!r}")
+        if (texts is None) == (words is None):
+            raise BadRequestError("give exactly one of texts or words")
+        if level == "word" and words is None:
+            raise BadRequestError("level 'word' needs pre-split words")
+        fold = FoldRequest(model=name, texts=None if texts is None else _check_texts(texts, self._limits),
+                           words=None if words is None else _check_words(words, self._limits),
+                           truncate=truncate, return_wordpieces=level == "wordpiece")
+        result = await self._encode(fold, EncodeOptions(level=level, sub_token_mode=sub_token_mode), route)
+        tokens = result.wordpieces if level == "wordpiece" else fold.words
+        return result.vectors, tokens
+
+    async def tokenize_inputs(self, texts: Any = None, words: Any = None, model: str | None = None,
+                              truncate: bool = False) -> list[dict]:
+        """The wordpieces, ids and segments of each input, as the encoder would see them."""
+        name = self._model(model)
+        if (texts is None) == (words is None):
+            raise BadRequestError("give exactly one of texts or words")
+        fold = FoldRequest(model=name, texts=None if texts is None else _check_texts(texts, self._limits),
+                           words=None if words is None else _check_words(words, self._limits),
+                           truncate=truncate, return_wordpieces=True)
+        batch: FoldedBatch = await self._run(lambda: self._tokenizer.fold.remote(fold))
+        ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
+        entries = []
+        for index in range(batch.num_inputs):
+            entry = {"tokens": batch.wordpieces[index], "ids": ids[index].tolist(),
+                     "num_segments": int(batch.segments_per_input[index]), "word_offsets": None}
+            if batch.has_words:
+                entry["word_offsets"] = [tuple(o) for o in batch.input_offsets(index).tolist()]
+            entries.append(entry)
+        return entries
+
+    async def list_models(self) -> list[dict]:
+        """Every served model with its settings and replica counts."""
+        replicas = self._replica_counts()
+        cards = []
+        for config in self._settings.models:
+            info = await self._model_info(config.name)
+            cards.append({"id": config.name, **info, "replicas": replicas.get(config.name, {})})
+        return cards
+
+    def _replica_counts(self) -> dict[str, dict[str, int]]:
+        try:
+            status = serve.status()
+        except Exception:  # the controller is unreachable: leave the counts out
+            return {}
+        deployments = {}
+        for application in status.applications.values():
+            deployments.update(application.deployments)
+        counts = {}
+        for config in self._settings.models:
+            deployment = deployments.get(deployment_name(config.name))
+            if deployment is not None:
+                running = sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+                target = getattr(getattr(deployment, "target_num_replicas", None), "real", None)
+                counts[config.name] = {"running": running,
+                                       "target": int(target) if target is not None else running}
+        return counts
+
+    # --- HTTP routes ----------------------------------------------------------
+
+    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
+    async def openai_embeddings(self, body: OpenAIEmbeddingRequest, request: Request) -> Response:
+        """OpenAI's embeddings API: works unchanged with the official ``openai`` client."""
+        self._guard(request)
+        if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
+            raise BadRequestError("token-id arrays are not supported as input; send text")
+        name = self._model(body.model)
+        vectors, counts = await self.embed_texts(body.input, model=name, dimensions=body.dimensions,
+                                                 route="openai")
+        if body.encoding_format == "base64":
+            encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            encoded = list(vectors)
+        tokens = int(counts.sum())
+        return JSONBytesResponse({
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(encoded)],
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    @app.post("/embed", response_model=EmbedResponse, tags=["native"])
+    async def embed(self, body: EmbedRequest, request: Request) -> Response:
+        """One pooled vector per input text."""
+        self._guard(request)
+        vectors, _ = await self.embed_texts(body.inputs, model=body.model, pooling=body.pooling,
+                                            normalize=body.normalize, truncate=body.truncate,
+                                            dimensions=body.dimensions, route="embed")
+        return JSONBytesResponse(vectors)
+
+    @app.post("/embed_tokens", response_model=EmbedTokensResponse, tags=["native"])
+    async def embed_tokens(self, body: EmbedTokensRequest, request: Request) -> Response:
+        """One vector per wordpiece (or per word, from pre-split words), with the tokens."""
+        self._guard(request)
+        vectors, tokens = await self.embed_token_vectors(
+            texts=body.inputs, words=body.words, model=body.model, level=body.level,
+            sub_token_mode=body.sub_token_mode, truncate=body.truncate, route="embed_tokens")
+        return JSONBytesResponse([{"tokens": t, "embeddings": v} for t, v in zip(tokens, vectors)])
+
+    @app.post("/tokenize", response_model=TokenizeResponse, tags=["native"])
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> Response:
+        """The wordpieces the encoder sees for each input, and how many segments it folds into."""
+        self._guard(request)
+        return JSONBytesResponse(await self.tokenize_inputs(texts=body.inputs, words=body.words,
+                                                            model=body.model, truncate=body.truncate))
+
+    @app.get("/models", response_model=ModelsResponse, tags=["native"])
+    async def models(self, request: Request) -> Response:
+        """Served models: dimension, dtype, device, max_length, layers, pooling, replicas."""
+        self._guard(request)
+        cards = [ModelCard(**card).model_dump() for card in await self.list_models()]
+        return JSONBytesResponse({"object": "list", "data": cards})
+
+    @app.get("/health", response_model=HealthResponse, tags=["native"])
+    async def health(self) -> Response:
+        """Liveness: the ingress is up (no API key needed)."""
+        return JSONBytesResponse({"status": "ok", "models": sorted(self._encoders)})

@@ -1,0 +1,47 @@
+"""Messages between the deployments (ingress -> tokenizer -> encoder -> ingress)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedder.inference import Level
+from embedder.sentence_pooling import PoolingMode
+from embedder.word_pooling import SubTokenMode
+
+
+@dataclass(frozen=True)
+class FoldRequest:
+    """What the tokenizer folds: exactly one of texts, pairs or words, for a served model."""
+
+    model: str
+    texts: list[str] | None = None
+    pairs: list[tuple[str, str]] | None = None
+    words: list[list[str]] | None = None
+    truncate: bool = False
+    return_wordpieces: bool = False
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How the encoder turns a folded batch into vectors; ``None`` means the model's default."""
+
+    level: Level = "pooled"
+    pooling: PoolingMode | None = None
+    normalize: bool | None = None
+    sub_token_mode: SubTokenMode = "avg"
+
+
+@dataclass
+class EncodeResult:
+    """The encoder's answer to one request.
+
+    vectors: ``[n, dim]`` when pooled, else one ``[length, dim]`` array per input.
+    num_wordpieces: each input's wordpieces (usage counts).
+    wordpieces: each input's wordpiece strings, when asked for.
+    """
+
+    vectors: np.ndarray | list[np.ndarray]
+    num_wordpieces: np.ndarray
+    wordpieces: list[list[str]] | None = None

