@@ -53,11 +53,13 @@ class EmbeddingClient:
 
     # --- blocking -------------------------------------------------------------
 
-    def embed(self, texts: str | list[str], model: str | None = None, pooling: str | None = None,
-              normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None) -> np.ndarray:
-        """One pooled vector per text: ``[n, dim]`` float32."""
+    def embed(self, texts: str | list[str] | None = None, model: str | None = None, pooling: str | None = None,
+              normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
+              pairs: list[tuple[str, str]] | None = None) -> np.ndarray:
+        """One pooled vector per text (or per sentence pair): ``[n, dim]`` float32."""
         return self._result(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
-                                       normalize=normalize, truncate=truncate, dimensions=dimensions))[0]
+                                       normalize=normalize, truncate=truncate, dimensions=dimensions,
+                                       pairs=pairs))[0]
 
     def embed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
                      model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",
@@ -77,11 +79,12 @@ class EmbeddingClient:
 
     # --- async twins ----------------------------------------------------------
 
-    async def aembed(self, texts: str | list[str], model: str | None = None, pooling: str | None = None,
-                     normalize: bool | None = None, truncate: bool = False,
-                     dimensions: int | None = None) -> np.ndarray:
+    async def aembed(self, texts: str | list[str] | None = None, model: str | None = None,
+                     pooling: str | None = None, normalize: bool | None = None, truncate: bool = False,
+                     dimensions: int | None = None, pairs: list[tuple[str, str]] | None = None) -> np.ndarray:
         return (await self._aresult(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
-                                               normalize=normalize, truncate=truncate, dimensions=dimensions)))[0]
+                                               normalize=normalize, truncate=truncate, dimensions=dimensions,
+                                               pairs=pairs)))[0]
 
     async def aembed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
                             model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",

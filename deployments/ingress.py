@@ -53,6 +53,7 @@ from deployments.schema import (
 from deployments.settings import ServingSettings
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
+from embedder.sentence_pooling import POOLING_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,14 @@ def _check_words(value: Any, limits) -> list[list[str]]:
     return [list(words) for words in value]
 
 
+def _check_pairs(value: Any, limits) -> list[tuple[str, str]]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        raise BadRequestError("'pairs' must be a list of [text, text] pairs")
+    firsts = _check_texts([p[0] for p in value], limits, "pairs")
+    seconds = _check_texts([p[1] for p in value], limits, "pairs")
+    return list(zip(firsts, seconds))
+
+
 def _truncate_dimensions(vectors: np.ndarray, dimensions: int | None, renormalize: bool) -> np.ndarray:
     if dimensions is None:
         return vectors
@@ -263,14 +272,20 @@ class Ingress:
 
     # --- handle API (cluster.EmbeddingClient) --------------------------------
 
-    async def embed_texts(self, texts: Any, model: str | None = None, pooling: str | None = None,
-                          normalize: bool | None = None, truncate: bool = False,
-                          dimensions: int | None = None, route: str = "handle") -> tuple[np.ndarray, np.ndarray]:
-        """Pooled vectors ``[n, dim]`` and each input's wordpiece count."""
+    async def embed_texts(self, texts: Any = None, model: str | None = None, pooling: str | None = None,
+                          normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
+                          pairs: Any = None, route: str = "handle") -> tuple[np.ndarray, np.ndarray]:
+        """Pooled vectors ``[n, dim]`` (one per text, or per pair) and each input's wordpiece count."""
         name = self._model(model)
-        texts = _check_texts(texts, self._limits)
+        if (texts is None) == (pairs is None):
+            raise BadRequestError("give exactly one of texts or pairs")
+        if pooling is not None and pooling not in POOLING_MODES:
+            raise BadRequestError(f"pooling must be one of {POOLING_MODES}, not {pooling!r}")
+        fold = FoldRequest(model=name, truncate=truncate,
+                           texts=None if texts is None else _check_texts(texts, self._limits),
+                           pairs=None if pairs is None else _check_pairs(pairs, self._limits))
         options = EncodeOptions(level="pooled", pooling=pooling, normalize=normalize)
-        result = await self._encode(FoldRequest(model=name, texts=texts, truncate=truncate), options, route)
+        result = await self._encode(fold, options, route)
         if dimensions is not None:
             info = await self._model_info(name)
             renormalize = info["normalize"] if normalize is None else normalize
@@ -371,7 +386,7 @@ class Ingress:
     async def embed(self, body: EmbedRequest, request: Request) -> Response:
         """One pooled vector per input text."""
         self._guard(request)
-        vectors, _ = await self.embed_texts(body.inputs, model=body.model, pooling=body.pooling,
+        vectors, _ = await self.embed_texts(body.inputs, pairs=body.pairs, model=body.model, pooling=body.pooling,
                                             normalize=body.normalize, truncate=body.truncate,
                                             dimensions=body.dimensions, route="embed")
         return JSONBytesResponse(vectors)

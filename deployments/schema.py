@@ -63,14 +63,23 @@ class _TextsOrWords(_Request):
 
 
 class EmbedRequest(_Request):
-    """``POST /embed``: one pooled vector per text."""
+    """``POST /embed``: one pooled vector per text (or per sentence pair)."""
 
-    inputs: str | list[str] = Field(..., description="A text or a list of texts.")
+    inputs: str | list[str] | None = Field(None, description="A text or a list of texts.")
+    pairs: list[tuple[str, str]] | None = Field(
+        None, description="Sentence pairs instead of texts, encoded with the tokenizer's pair template "
+                          "(type ids 0 and 1).")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
     pooling: Pooling | None = Field(None, description="mean, cls or max; the model's default when omitted.")
     normalize: bool | None = Field(None, description="L2-normalize; the model's default when omitted.")
     truncate: bool = Field(False, description="Keep only the first segment of long inputs instead of folding.")
     dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions.")
+
+    @model_validator(mode="after")
+    def _texts_or_pairs(self):
+        if (self.inputs is None) == (self.pairs is None):
+            raise ValueError("give exactly one of 'inputs' or 'pairs'")
+        return self
 
 
 class EmbedResponse(RootModel[list[list[float]]]):

@@ -1,0 +1,65 @@
+"""One real Ray instance and one Serve app for the whole session, on free ports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from cluster.config import ClusterConfig, HTTPConfig, LimitsSettings, ModelConfig
+
+APP_NAME = "embeddings-test"
+
+
+@dataclass
+class RunningCluster:
+    config: ClusterConfig
+    url: str
+
+
+@pytest.fixture(scope="session")
+def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port) -> ClusterConfig:
+    return ClusterConfig(
+        app_name=APP_NAME,
+        http=HTTPConfig(port=free_port()),
+        limits=LimitsSettings(max_inputs_per_request=100, max_chars_per_input=50_000,
+                              max_wordpieces_per_request=20_000),
+        models=[
+            ModelConfig(name="all-MiniLM-L6-v2", model_name=minilm_path, dtype="float32", num_cpus=1),
+            ModelConfig(name="minilm-bf16", model_name=minilm_path, dtype="bfloat16", num_cpus=1),
+            ModelConfig(name="tiny-bert", model_name=tiny_bert_path, max_length=32, num_cpus=0.5),
+            ModelConfig(name="tiny-roberta", model_name=tiny_roberta_path, max_length=64, num_cpus=0.5),
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(cluster_config) -> RunningCluster:
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             namespace="embedding-cluster-tests")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": cluster_config.http.port})
+        serve.run(build_app(cluster_config), name=APP_NAME, route_prefix="/")
+        yield RunningCluster(config=cluster_config, url=f"http://127.0.0.1:{cluster_config.http.port}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def http(serve_cluster):
+    with httpx.Client(base_url=serve_cluster.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client(serve_cluster):
+    from cluster import EmbeddingClient
+
+    return EmbeddingClient(app_name=APP_NAME)

@@ -1,0 +1,116 @@
+"""Config (YAML, defaults, app builder) and the ``embedding-cluster`` CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cluster.app import app_builder
+from cluster.config import ClusterConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_serves_the_bundled_minilm():
+    config = ClusterConfig()
+    (model,) = config.models
+    assert model.name == "all-MiniLM-L6-v2"
+    assert (Path(model.model_name) / "model.safetensors").is_file()
+    defaults = model.pooling_defaults()
+    assert (defaults.mode, defaults.normalize) == ("mean", True)
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8000)
+
+
+def test_yaml_round_trip_and_autoscaling_fields(tmp_path):
+    text = """
+http: {host: 127.0.0.1, port: 8123}
+tokenizer: {num_cpus: 0.5, autoscaling: {min_replicas: 1, max_replicas: 2}}
+models:
+  - name: all-MiniLM-L6-v2
+    max_length: 256
+    last_layer_only: false
+    dtype: bfloat16
+    max_batch_tokens: 8192
+    autoscaling: {min_replicas: 1, max_replicas: 3, target_ongoing_requests: 4, upscale_delay_s: 1}
+"""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    model = config.models[0]
+    assert (model.max_length, model.last_layer_only, model.dtype) == (256, False, "bfloat16")
+    assert model.autoscaling.max_replicas == 3 and model.autoscaling.upscale_delay_s == 1
+    assert ClusterConfig.from_yaml(config.to_yaml()) == config
+    assert app_builder({"config": str(path)}) is not None
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValidationError, match="unique"):
+        ClusterConfig(models=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValidationError, match="dtype"):
+        ClusterConfig(models=[{"dtype": "int4"}])
+    with pytest.raises(ValidationError, match="max_replicas"):
+        ClusterConfig(models=[{"autoscaling": {"min_replicas": 3, "max_replicas": 1}}])
+
+
+def test_example_deploy_config_is_valid():
+    document = yaml.safe_load((REPO / "examples" / "serve-deploy.yaml").read_text())
+    (application,) = document["applications"]
+    assert application["import_path"] == "cluster.app:app_builder"
+    load_config(REPO / "examples" / application["args"]["config"].split("/")[-1])
+
+
+def test_cli_prints_default_config():
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "config"], capture_output=True, text=True,
+                            check=True, cwd=REPO)
+    assert ClusterConfig.from_yaml(result.stdout).models[0].name == "all-MiniLM-L6-v2"
+
+
+def _raylet_pids() -> set[int]:
+    result = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
+    return {int(pid) for pid in result.stdout.split()}
+
+
+def test_cli_serve_answers_and_exits_cleanly_on_sigint(tmp_path, tiny_bert_path, free_port):
+    port = free_port()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({
+        "tokenizer": {"num_cpus": 0.1},
+        "ingress": {"num_cpus": 0.1},
+        "models": [{"name": "tiny", "model_name": tiny_bert_path, "num_cpus": 0.5}],
+    }))
+    raylets_before = _raylet_pids()
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config),
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=REPO, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["hello"]}, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()[0]) == 32
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "embedding-cluster ready: http://127.0.0.1:" in output and "embedding-cluster stopped" in output
+    deadline = time.monotonic() + 30
+    while _raylet_pids() - raylets_before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _raylet_pids() - raylets_before, "the CLI left its Ray instance running"
