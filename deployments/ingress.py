@@ -246,6 +246,14 @@ class Ingress:
         self._metrics.latency.observe(1000 * (time.monotonic() - started), tags=tags)
         return result
 
+    def _texts_or_words(self, model: str, texts: Any, words: Any, truncate: bool,
+                        return_wordpieces: bool) -> FoldRequest:
+        if (texts is None) == (words is None):
+            raise BadRequestError("give exactly one of texts or words")
+        return FoldRequest(model=model, texts=None if texts is None else _check_texts(texts, self._limits),
+                           words=None if words is None else _check_words(words, self._limits),
+                           truncate=truncate, return_wordpieces=return_wordpieces)
+
     async def _model_info(self, name: str) -> dict:
         if name not in self._infos:
             self._infos[name] = await self._run(lambda: self._encoders[name].info.remote())
@@ -301,13 +309,9 @@ class Ingress:
             raise BadRequestError(f"level must be 'wordpiece' or 'word', not {level!r}")
         if sub_token_mode not in ("avg", "first", "last"):
             raise BadRequestError(f"sub_token_mode must be avg, first or last, not {sub_token_mode!r}")
-        if (texts is None) == (words is None):
-            raise BadRequestError("give exactly one of texts or words")
         if level == "word" and words is None:
             raise BadRequestError("level 'word' needs pre-split words")
-        fold = FoldRequest(model=name, texts=None if texts is None else _check_texts(texts, self._limits),
-                           words=None if words is None else _check_words(words, self._limits),
-                           truncate=truncate, return_wordpieces=level == "wordpiece")
+        fold = self._texts_or_words(name, texts, words, truncate, return_wordpieces=level == "wordpiece")
         result = await self._encode(fold, EncodeOptions(level=level, sub_token_mode=sub_token_mode), route)
         tokens = result.wordpieces if level == "wordpiece" else fold.words
         return result.vectors, tokens
@@ -316,11 +320,7 @@ class Ingress:
                               truncate: bool = False) -> list[dict]:
         """The wordpieces, ids and segments of each input, as the encoder would see them."""
         name = self._model(model)
-        if (texts is None) == (words is None):
-            raise BadRequestError("give exactly one of texts or words")
-        fold = FoldRequest(model=name, texts=None if texts is None else _check_texts(texts, self._limits),
-                           words=None if words is None else _check_words(words, self._limits),
-                           truncate=truncate, return_wordpieces=True)
+        fold = self._texts_or_words(name, texts, words, truncate, return_wordpieces=True)
         batch: FoldedBatch = await self._run(lambda: self._tokenizer.fold.remote(fold))
         ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
         entries = []

@@ -33,7 +33,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class ModelConfig(_Strict):
+class ReplicaSettings(_Strict):
+    """How one deployment's replicas run: resources, bounded queues, autoscaling."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica holds at once.")
+    max_queued_requests: int = Field(512, ge=-1, description="Requests waiting for a replica before new "
+                                                             "ones get 503 (-1: unbounded).")
+    autoscaling: AutoscalingConfig = Field(default_factory=lambda: _autoscaling(1, 1),
+                                           description="Any field of Ray Serve's AutoscalingConfig.")
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options`` for these settings."""
+        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            actor_options["resources"] = dict(self.resources)
+        return {
+            "ray_actor_options": actor_options,
+            "autoscaling_config": self.autoscaling.model_dump(exclude_unset=True),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+
+
+class ModelConfig(ReplicaSettings):
     """One served model: its embedder options, batching and replica resources."""
 
     name: str = Field(DEFAULT_MODEL_NAME, min_length=1, description='What requests put in "model".')
@@ -54,13 +79,6 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_tokens: int = Field(16384, ge=16, description="Token budget of one encoder batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests one encoder replica holds at once.")
-    max_queued_requests: int = Field(512, ge=-1, description="Requests waiting for an encoder replica "
-                                                             "before new ones get 503 (-1: unbounded).")
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
-    autoscaling: AutoscalingConfig = Field(default_factory=lambda: _autoscaling(1, 1))
 
     def pooling_defaults(self) -> PoolingDefaults:
         """The pooling this model uses when a request does not say."""
@@ -83,13 +101,21 @@ class ModelConfig(_Strict):
         }
 
 
-class TokenizerSettings(_Strict):
+class TokenizerSettings(ReplicaSettings):
     """The CPU tokenizer deployment, shared by every model."""
 
     num_cpus: float = Field(0.5, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(1024, ge=-1)
     autoscaling: AutoscalingConfig = Field(default_factory=lambda: _autoscaling(1, 2))
+
+
+class IngressSettings(ReplicaSettings):
+    """The HTTP ingress deployment."""
+
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(512, ge=1)
+    max_queued_requests: int = Field(2048, ge=-1)
 
 
 class LimitsSettings(_Strict):
@@ -99,15 +125,6 @@ class LimitsSettings(_Strict):
     max_chars_per_input: int = Field(200_000, ge=1)
     max_wordpieces_per_request: int = Field(400_000, ge=1)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-
-
-class IngressSettings(_Strict):
-    """The HTTP ingress deployment."""
-
-    num_cpus: float = Field(0.25, ge=0)
-    max_ongoing_requests: int = Field(512, ge=1)
-    max_queued_requests: int = Field(2048, ge=-1)
-    autoscaling: AutoscalingConfig = Field(default_factory=lambda: _autoscaling(1, 1))
 
 
 class ServingSettings(_Strict):
