@@ -55,6 +55,33 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def embed_command(args: argparse.Namespace) -> int:
+    """The bulk job: INPUT files -> OUTPUT parquet parts, with progress and a summary line."""
+    import ray
+
+    from cluster.bulk_job import run_bulk_job
+
+    config = load_config(args.config)
+    model = config.model(args.model) if args.model else config.models[0]
+    ray.init(address=args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
+    try:
+        summary = run_bulk_job(args.input, args.output, model, text_column=args.text_column,
+                               id_column=args.id_column, level=args.level, truncate=args.truncate,
+                               resume=args.resume, rows_per_part=args.rows_per_part, batch_size=args.batch_size,
+                               encode_actors=args.encode_actors)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
+        print(f"embedding-cluster embed: {error}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    print(summary.line(), flush=True)
+    if summary.rows_out != summary.rows_in:
+        print(f"embedding-cluster embed: {summary.rows_in - summary.rows_out} rows are missing from the output",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def config_command(args: argparse.Namespace) -> int:
     """Print the default config (or the given one, validated) as YAML."""
     sys.stdout.write(load_config(args.config).to_yaml())
@@ -75,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this key on every route but /health "
                                          "(default: $EMBEDDING_CLUSTER_API_KEY)")
     serve.set_defaults(func=serve_command)
+
+    embed = commands.add_parser("embed", help="bulk job: embed a corpus into parquet with ray.data")
+    embed.add_argument("input", help="a .jsonl/.json/.parquet/.csv/.txt file, a folder or a glob of them")
+    embed.add_argument("output", help="a folder for the parquet parts")
+    embed.add_argument("--model", help="the config's model to use (default: its first)")
+    embed.add_argument("--config", help="a ClusterConfig YAML file (default: the bundled all-MiniLM-L6-v2)")
+    embed.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
+    embed.add_argument("--id-column", help="the rows' id column, kept and used by --resume (default: id)")
+    embed.add_argument("--level", choices=["pooled", "wordpiece"], default="pooled")
+    embed.add_argument("--truncate", action="store_true", help="keep only the first segment of long texts")
+    embed.add_argument("--resume", action="store_true",
+                       help="keep the complete parts an interrupted run left in OUTPUT and embed the rest")
+    embed.add_argument("--address", help="run on this Ray cluster (HEAD:PORT or 'auto') instead of a local one")
+    embed.add_argument("--rows-per-part", type=int, default=10_000, help="rows per parquet part")
+    embed.add_argument("--batch-size", type=int, default=256, help="rows per ray.data batch")
+    embed.add_argument("--encode-actors", type=int,
+                       help="encoder actors (default: one per GPU, or per model num_cpus free)")
+    embed.set_defaults(func=embed_command)
 
     config = commands.add_parser("config", help="print the default config as YAML")
     config.add_argument("--config", help="validate and print this config file instead")

@@ -1,0 +1,103 @@
+"""Reading the bulk job's INPUT: JSON Lines, parquet, CSV or text files, a folder or a glob of them."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import ray
+from ray.data import Dataset
+
+from cluster.bulk import ERROR_COLUMN
+
+#: CPUs a read or parse task asks for: light I/O work that must not wait behind the actor pools.
+IO_TASK_CPUS = 0.25
+
+FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
+           ".txt": "text"}
+
+
+def expand_inputs(source: str) -> list[Path]:
+    """The input files: ``source`` itself, every supported file in a folder, or a glob's matches."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"no input files at {source!r} (looked for {', '.join(sorted(FORMATS))})")
+    unknown = [str(p) for p in files if p.suffix.lower() not in FORMATS]
+    if unknown:
+        raise ValueError(f"unsupported input format: {unknown[:3]}; use {', '.join(sorted(FORMATS))}")
+    return files
+
+
+def parse_json_lines(table: pa.Table, text_column: str) -> pa.Table:
+    """``map_batches`` function: lines of JSON objects -> columns.
+
+    A line that is not a JSON object, or whose text is not a string, becomes a
+    row with a null text and an ``error``, so that it is counted, not lost.
+    """
+    records, errors = [], []
+    for line in table.column("text").to_pylist():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            records.append({})
+            errors.append("line is not a JSON object")
+            continue
+        text = record.get(text_column)
+        if text is not None and not isinstance(text, str):
+            record[text_column] = None
+            errors.append(f"text is {type(text).__name__}, not a string")
+        else:
+            errors.append(None)
+        records.append(record)
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in (ERROR_COLUMN, text_column)))
+    columns = {key: _column([r.get(key) for r in records]) for key in keys}
+    columns[text_column] = pa.array([r.get(text_column) for r in records], type=pa.string())
+    columns[ERROR_COLUMN] = pa.array(errors, type=pa.string())
+    return pa.table(columns)
+
+
+def _column(values: list) -> pa.Array:
+    """An Arrow column of the values, or of their JSON text where their types differ."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], type=pa.string())
+
+
+def read_inputs(files: list[Path], text_column: str = "text") -> Dataset:
+    """One dataset over every input file (formats may be mixed)."""
+    by_format: dict[str, list[str]] = {}
+    for path in files:
+        by_format.setdefault(FORMATS[path.suffix.lower()], []).append(str(path))
+    datasets = []
+    for kind, paths in by_format.items():
+        if kind == "json":
+            ds = ray.data.read_text(paths, drop_empty_lines=True, num_cpus=IO_TASK_CPUS).map_batches(
+                parse_json_lines, fn_kwargs={"text_column": text_column}, batch_format="pyarrow",
+                num_cpus=IO_TASK_CPUS)
+        elif kind == "parquet":
+            ds = ray.data.read_parquet(paths, num_cpus=IO_TASK_CPUS)
+        elif kind == "csv":
+            ds = ray.data.read_csv(paths, num_cpus=IO_TASK_CPUS, convert_options=pacsv.ConvertOptions(
+                column_types={text_column: pa.string()}, strings_can_be_null=False))
+        else:
+            ds = ray.data.read_text(paths, drop_empty_lines=False, num_cpus=IO_TASK_CPUS)
+            if text_column != "text":
+                ds = ds.rename_columns({"text": text_column})
+        names = ds.schema().names
+        if text_column not in names:
+            raise KeyError(f"the input has no column {text_column!r} in {', '.join(paths[:3])}: it has {names} "
+                           "(use --text-column)")
+        datasets.append(ds)
+    return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
