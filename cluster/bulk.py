@@ -161,6 +161,12 @@ class EncodeStage:
 RESERVED_CPUS = 0.5
 
 
+def default_encode_threads(encoders: int) -> int:
+    """Torch threads per CPU encoder actor: the free cores shared among the encoders
+    (tokenizing is a few percent of the work, so the tokenizers need no core of their own)."""
+    return max(1, int(ray.available_resources().get("CPU", 1.0) // max(encoders, 1)))
+
+
 def default_pool_sizes(model: ModelConfig, tokenize_cpus: float) -> tuple[int, int]:
     """Actors per stage from the resources free now: an encoder per GPU (or per
     ``num_cpus`` left after the tokenizers and the I/O tasks), a tokenizer per four CPUs."""
@@ -195,7 +201,8 @@ def embed_dataset(
 
     ``model`` is a ``ModelConfig`` or the name of the default config's model
     (``None``: the bundled MiniLM). Every other column passes through. Long
-    texts are folded, never truncated unless ``truncate``.
+    texts are folded, never truncated unless ``truncate``. Pool sizes and CPU
+    encoders' torch threads default from the resources free now.
     """
     if level not in ("pooled", "wordpiece"):
         raise ValueError(f"level must be 'pooled' or 'wordpiece', not {level!r}")
@@ -204,6 +211,9 @@ def embed_dataset(
 
         model = ClusterConfig().model(model) if model else ClusterConfig().models[0]
     default_tokenizers, default_encoders = default_pool_sizes(model, tokenize_cpus)
+    encode_actors = encode_actors or default_encoders
+    if encode_threads is None and model.num_gpus == 0:
+        encode_threads = default_encode_threads(encode_actors)
     tokenized = ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate},
@@ -218,7 +228,7 @@ def embed_dataset(
                                "pooling": pooling, "normalize": normalize, "threads": encode_threads},
         batch_format="pyarrow",
         batch_size=batch_size,
-        compute=ActorPoolStrategy(size=encode_actors or default_encoders),
+        compute=ActorPoolStrategy(size=encode_actors),
         num_cpus=model.num_cpus,
         num_gpus=model.num_gpus or None,
         **({"resources": dict(model.resources)} if model.resources else {}),
