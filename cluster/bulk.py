@@ -18,9 +18,11 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
+from cluster.config import ClusterConfig
+from deployments.loading import load_embedder, load_indexer
 from deployments.settings import ModelConfig
-from embedder.devices import choose_dtype, resolve_device
 from embedder.folded_batch import FoldedBatch
+from embedder.inference import encode_folded
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +49,7 @@ class TokenizeStage:
     """``map_batches`` class: texts -> folded segments, one ragged row per text."""
 
     def __init__(self, model: ModelConfig, text_column: str, truncate: bool) -> None:
-        from embedder.indexer import PretrainedTransformerIndexer
-
-        self._indexer = PretrainedTransformerIndexer(model.model_name, max_length=model.max_length,
-                                                     tokenizer_kwargs=model.tokenizer_kwargs or None)
+        self._indexer = load_indexer(model)
         self._text_column = text_column
         self._truncate = truncate
 
@@ -102,17 +101,7 @@ class EncodeStage:
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | None,
                  normalize: bool | None, threads: int | None) -> None:
-        import torch
-
-        from embedder.transformer_embedder import PretrainedTransformerEmbedder
-
-        device = resolve_device(model.device)
-        if device.type == "cpu":
-            torch.set_num_threads(threads or max(1, int(round(model.num_cpus))))
-        self._embedder = PretrainedTransformerEmbedder(
-            model.model_name, transformer_kwargs={**model.transformer_kwargs,
-                                                  "dtype": choose_dtype(model.dtype, device)},
-            **model.embedder_kwargs()).to(device)
+        self._embedder = load_embedder(model, threads)
         defaults = model.pooling_defaults()
         self._pooling = pooling or defaults.mode
         self._normalize = defaults.normalize if normalize is None else normalize
@@ -121,8 +110,6 @@ class EncodeStage:
         self._level = level
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from embedder.inference import encode_folded
-
         dim = self._embedder.get_output_dim()
         ok = np.flatnonzero(table.column(ERROR_COLUMN).is_null().to_numpy(zero_copy_only=False))
         special = self._embedder.special_tokens
@@ -207,8 +194,6 @@ def embed_dataset(
     if level not in ("pooled", "wordpiece"):
         raise ValueError(f"level must be 'pooled' or 'wordpiece', not {level!r}")
     if model is None or isinstance(model, str):
-        from cluster.config import ClusterConfig
-
         model = ClusterConfig().model(model) if model else ClusterConfig().models[0]
     default_tokenizers, default_encoders = default_pool_sizes(model, tokenize_cpus)
     encode_actors = encode_actors or default_encoders

@@ -13,13 +13,13 @@ import torch
 from ray import serve
 
 from deployments.errors import BadRequestError
+from deployments.loading import load_embedder, load_indexer
 from deployments.metrics import EncoderMetrics
 from deployments.protocol import EncodeOptions, EncodeResult
 from deployments.settings import ModelConfig
-from embedder.devices import choose_dtype, resolve_device
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import EncodeStats, encode_folded
-from embedder.transformer_embedder import PretrainedTransformerEmbedder, check_type_ids
+from embedder.transformer_embedder import check_type_ids
 
 logger = logging.getLogger(__name__)
 
@@ -48,29 +48,18 @@ class Encoder:
 
     def __init__(self, model: ModelConfig) -> None:
         self._config = model
-        self._device = resolve_device(model.device)
-        if self._device.type == "cpu":
-            torch.set_num_threads(max(1, int(round(model.num_cpus))))
-        dtype = choose_dtype(model.dtype, self._device)
-        self._embedder = PretrainedTransformerEmbedder(
-            model.model_name,
-            transformer_kwargs={**model.transformer_kwargs, "dtype": dtype},
-            **model.embedder_kwargs(),
-        ).to(self._device)
+        self._embedder = load_embedder(model)
+        self._device = self._embedder.device
         self._pooling = model.pooling_defaults()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{model.name}")
         self._metrics = EncoderMetrics(model.name)
         self._encode_batch.set_max_batch_size(model.max_batch_tokens)
         self._encode_batch.set_batch_wait_timeout_s(model.batch_wait_timeout_s)
         self._warm_up()
-        logger.info("encoder %s ready on %s (%s)", model.name, self._device, dtype)
+        logger.info("encoder %s ready on %s (%s)", model.name, self._device, self._embedder.dtype)
 
     def _warm_up(self) -> None:
-        from embedder.indexer import PretrainedTransformerIndexer
-
-        indexer = PretrainedTransformerIndexer(self._config.model_name, max_length=self._config.max_length,
-                                               tokenizer_kwargs=self._config.tokenizer_kwargs or None)
-        encode_folded(self._embedder, indexer.fold(["warm up the encoder"]))
+        encode_folded(self._embedder, load_indexer(self._config).fold(["warm up the encoder"]))
 
     def info(self) -> dict:
         """What ``GET /models`` shows about this model."""

@@ -7,10 +7,10 @@ import logging
 from ray import serve
 
 from deployments.errors import BadRequestError, PayloadTooLargeError, UnknownModelError
+from deployments.loading import load_indexer
 from deployments.protocol import FoldRequest
 from deployments.settings import LimitsSettings, ModelConfig
 from embedder.folded_batch import FoldedBatch
-from embedder.indexer import PretrainedTransformerIndexer
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +22,7 @@ class Tokenizer:
 
     def __init__(self, models: list[ModelConfig], limits: LimitsSettings) -> None:
         self._limits = limits
-        self._indexers = {
-            model.name: PretrainedTransformerIndexer(model.model_name, max_length=model.max_length,
-                                                     tokenizer_kwargs=model.tokenizer_kwargs or None)
-            for model in models
-        }
+        self._indexers = {model.name: load_indexer(model) for model in models}
 
     def fold(self, request: FoldRequest) -> FoldedBatch:
         indexer = self._indexers.get(request.model)
