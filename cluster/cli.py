@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from cluster.config import ClusterConfig, load_config
 
@@ -82,6 +83,28 @@ def embed_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    """Measure every contender on one corpus; print the table, optionally write JSON."""
+    import json
+    import socket
+
+    from cluster.bench import bench_config, default_corpus, format_table, load_corpus, run_bench
+
+    config = load_config(args.config)
+    model = config.model(args.model) if args.model else config.models[0]
+    short, long, repeats, latency = (48, 3, 1, 10) if args.quick else (1200, 60, 3, 100)
+    corpus = load_corpus(args.corpus) if args.corpus else default_corpus(short, long)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = bench_config(config.model_copy(update={"models": [model]}), port)
+    report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster)
+    print(format_table(report), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def config_command(args: argparse.Namespace) -> int:
     """Print the default config (or the given one, validated) as YAML."""
     sys.stdout.write(load_config(args.config).to_yaml())
@@ -120,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--encode-actors", type=int,
                        help="encoder actors (default: one per GPU, or per model num_cpus free)")
     embed.set_defaults(func=embed_command)
+
+    bench = commands.add_parser("bench", help="measure the cluster against the in-process limit and others")
+    bench.add_argument("--corpus", help="a .jsonl file with a 'text' field (default: installed docstrings)")
+    bench.add_argument("--model", help="the config's model to measure (default: its first)")
+    bench.add_argument("--config", help="a ClusterConfig YAML file (default: the bundled all-MiniLM-L6-v2)")
+    bench.add_argument("--quick", action="store_true", help="a small corpus and one run of each")
+    bench.add_argument("--no-cluster", action="store_true", help="only the in-process contenders")
+    bench.add_argument("--json", help="also write the report to this file")
+    bench.set_defaults(func=bench_command)
 
     config = commands.add_parser("config", help="print the default config as YAML")
     config.add_argument("--config", help="validate and print this config file instead")

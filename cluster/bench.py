@@ -1,0 +1,292 @@
+"""``embedding-cluster bench``: every way to embed a corpus, on the same tokens, in one run.
+
+Contenders: the in-process limit (``encode_folded``), a naive padded
+``transformers`` loop, ``sentence-transformers`` (short texts only: it
+truncates), the cluster through its handle and over HTTP, single-text latency,
+and the bulk ``ray.data`` job. Speed targets live here, never in unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import logging
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cluster.config import ClusterConfig, HTTPConfig
+from deployments.loading import load_embedder, load_indexer
+from deployments.settings import ModelConfig
+from embedder.inference import EncodeStats, encode_folded
+
+logger = logging.getLogger(__name__)
+
+CORPUS_MODULES = ("json", "collections", "asyncio", "email", "argparse", "logging", "typing", "subprocess",
+                  "pathlib", "dataclasses", "functools", "itertools", "unittest", "http.client",
+                  "urllib.request", "inspect", "threading", "decimal", "fractions", "statistics")
+SHORT_MAX_CHARS = 200
+CLIENTS = 32
+TEXTS_PER_REQUEST = 16
+
+
+@dataclass
+class Corpus:
+    """Short texts (one sentence) and long documents (whole docstrings)."""
+
+    short: list[str]
+    long: list[str]
+
+    @property
+    def texts(self) -> list[str]:
+        return self.short + self.long
+
+
+def default_corpus(short: int, long: int) -> Corpus:
+    """Real English this machine already has: the docstrings of installed standard modules."""
+    docs = []
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *vars(module).values()]:
+            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+            if doc:
+                docs.append(" ".join(doc.split()))
+    docs = list(dict.fromkeys(docs))
+    sentences = [s for d in docs for s in re.split(r"(?<=[.!?])\s+", d) if 30 <= len(s) <= SHORT_MAX_CHARS]
+    sentences = list(dict.fromkeys(sentences))
+    documents = sorted((d for d in docs if len(d) > 1500), key=len, reverse=True)
+    if len(sentences) < short or len(documents) < long:
+        raise RuntimeError("not enough docstrings on this machine for the default corpus; pass --corpus")
+    rng = np.random.default_rng(0)
+    return Corpus(short=[sentences[i] for i in rng.choice(len(sentences), short, replace=False)],
+                  long=[documents[i] for i in rng.choice(len(documents), long, replace=False)])
+
+
+def load_corpus(path: str, text_column: str = "text") -> Corpus:
+    texts = [json.loads(line)[text_column] for line in Path(path).read_text().splitlines() if line.strip()]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    return Corpus(short=[t for t in texts if len(t) <= SHORT_MAX_CHARS],
+                  long=[t for t in texts if len(t) > SHORT_MAX_CHARS])
+
+
+@dataclass
+class Result:
+    name: str
+    texts: int
+    seconds: float
+    wordpieces: int = 0
+    padding_efficiency: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.seconds if self.seconds else 0.0
+
+    @property
+    def wordpieces_per_s(self) -> float:
+        return self.wordpieces / self.seconds if self.seconds else 0.0
+
+
+def _timed(function, repeats: int) -> float:
+    """Median seconds of ``repeats`` runs (after one warm-up run)."""
+    function()
+    return statistics.median(_once(function) for _ in range(repeats))
+
+
+def _once(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def bench_limit(model: ModelConfig, texts: list[str], repeats: int, name: str) -> Result:
+    """The model's own forward passes in one process, on pre-tokenized, length-sorted token-budget batches."""
+    import torch
+
+    embedder = load_embedder(model, threads=torch.get_num_threads())
+    batch = load_indexer(model).fold(texts)
+    stats = EncodeStats()
+    encode_folded(embedder, batch, max_batch_tokens=model.max_batch_tokens, stats=stats)
+    seconds = _timed(lambda: encode_folded(embedder, batch, max_batch_tokens=model.max_batch_tokens), repeats)
+    return Result(name, len(texts), seconds, int(batch.num_wordpieces.sum()),
+                  stats.padding_efficiency, f"{embedder.dtype}".removeprefix("torch."))
+
+
+def bench_naive(model: ModelConfig, corpus: Corpus, repeats: int) -> Result:
+    """A hand-written loop: the same segments, input order, padded batches of 32."""
+    import torch
+
+    embedder = load_embedder(model)
+    batch = load_indexer(model).fold(corpus.texts)
+    segments = np.split(batch.token_ids, np.cumsum(batch.segment_lengths)[:-1])
+    transformer = embedder.transformer_model
+    real = int(batch.segment_lengths.sum())
+    computed = 0
+    chunks = [segments[i:i + 32] for i in range(0, len(segments), 32)]
+    for chunk in chunks:
+        computed += len(chunk) * max(len(s) for s in chunk)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for chunk in chunks:
+                width = max(len(s) for s in chunk)
+                ids = torch.zeros(len(chunk), width, dtype=torch.long)
+                mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for row, segment in enumerate(chunk):
+                    ids[row, :len(segment)] = torch.from_numpy(segment.astype(np.int64))
+                    mask[row, :len(segment)] = 1
+                transformer(input_ids=ids, attention_mask=mask)
+
+    seconds = _timed(run, repeats)
+    return Result("naive: transformers, batches of 32 in order", len(corpus.texts), seconds,
+                  int(batch.num_wordpieces.sum()), real / computed)
+
+
+def bench_sentence_transformers(model: ModelConfig, corpus: Corpus, repeats: int) -> list[Result]:
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return []
+    wordpieces = int(load_indexer(model).fold(corpus.short).num_wordpieces.sum())
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        encoder = SentenceTransformer(model.model_name, device="cpu", model_kwargs={"dtype": dtype})
+        seconds = _timed(lambda: encoder.encode(corpus.short, batch_size=32), repeats)
+        results.append(Result(f"sentence-transformers encode ({str(dtype).removeprefix('torch.')})",
+                              len(corpus.short), seconds, wordpieces, note="short texts only (it truncates)"))
+    return results
+
+
+def _chunks(texts: list[str]) -> list[list[str]]:
+    return [texts[i:i + TEXTS_PER_REQUEST] for i in range(0, len(texts), TEXTS_PER_REQUEST)]
+
+
+async def _http_run(url: str, texts: list[str]) -> None:
+    import httpx
+
+    chunks = _chunks(texts)
+    limits = httpx.Limits(max_connections=CLIENTS)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        semaphore = asyncio.Semaphore(CLIENTS)
+
+        async def send(chunk: list[str]) -> None:
+            async with semaphore:
+                response = await client.post("/embed", json={"inputs": chunk})
+                response.raise_for_status()
+
+        await asyncio.gather(*(send(c) for c in chunks))
+
+
+async def _handle_run(client, texts: list[str]) -> None:
+    semaphore = asyncio.Semaphore(CLIENTS)
+
+    async def send(chunk: list[str]) -> None:
+        async with semaphore:
+            await client.aembed(chunk)
+
+    await asyncio.gather(*(send(c) for c in _chunks(texts)))
+
+
+def _latency(call, texts: list[str]) -> dict[str, float]:
+    times = [_once(lambda t=t: call(t)) for t in texts]
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95))}
+
+
+def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_requests: int) -> list[Result]:
+    """Start a local cluster with ``config``, measure the handle, HTTP, latency and bulk, shut it down."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.bulk import embed_dataset
+    from cluster.client import EmbeddingClient
+
+    model = config.models[0]
+    wordpieces = int(load_indexer(model).fold(corpus.texts).num_wordpieces.sum())
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="embedding-cluster-bench")
+    try:
+        serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+        url = f"http://{config.http.host}:{config.http.port}"
+        client = EmbeddingClient(app_name=config.app_name)
+        texts = corpus.texts
+        handle = Result(f"cluster via handle, {CLIENTS} concurrent", len(texts),
+                        _timed(lambda: asyncio.run(_handle_run(client, texts)), repeats), wordpieces)
+        over_http = Result(f"cluster over HTTP, {CLIENTS} concurrent clients", len(texts),
+                           _timed(lambda: asyncio.run(_http_run(url, texts)), repeats), wordpieces)
+        short_wordpieces = int(load_indexer(model).fold(corpus.short).num_wordpieces.sum())
+        short_http = Result("cluster over HTTP, short texts only", len(corpus.short),
+                            _timed(lambda: asyncio.run(_http_run(url, corpus.short)), repeats), short_wordpieces)
+        probes = corpus.short[:latency_requests]
+        with httpx.Client(base_url=url, timeout=60) as http:
+            http_latency = _latency(lambda t: http.post("/embed", json={"inputs": [t]}).raise_for_status(), probes)
+        handle_latency = _latency(lambda t: client.embed([t]), probes)
+        latency = Result("latency, one short text", latency_requests, 0.0,
+                         extra={"http": http_latency, "handle": handle_latency})
+        serve.delete(config.app_name)
+        rows = [{"text": t} for t in texts]
+
+        def bulk() -> None:
+            for _ in embed_dataset(ray.data.from_items(rows), model).iter_batches(batch_size=256):
+                pass
+
+        bulk_result = Result("bulk: embed_dataset (ray.data)", len(texts), _timed(bulk, 1), wordpieces,
+                             note="actor start-up included")
+        return [handle, over_http, short_http, latency, bulk_result]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_requests: int = 100,
+              cluster: bool = True) -> dict:
+    """Run every contender; return the report (also what ``--json`` writes)."""
+    model = config.models[0]
+    results = [bench_limit(model, corpus.texts, repeats, "limit: encode_folded in-process"),
+               bench_limit(model, corpus.short, repeats, "limit, short texts only"),
+               bench_naive(model, corpus, repeats)]
+    results += bench_sentence_transformers(model, corpus, repeats)
+    if cluster:
+        results += bench_cluster(config, corpus, repeats, latency_requests)
+    limit, short_limit = results[0], results[1]
+    rows = []
+    for result in results:
+        row = asdict(result) | {"texts_per_s": result.texts_per_s, "wordpieces_per_s": result.wordpieces_per_s}
+        if result.seconds and result.wordpieces:
+            reference = limit if result.texts == limit.texts else short_limit
+            row["ratio_to_limit"] = result.texts_per_s / reference.texts_per_s
+        rows.append(row)
+    return {"model": model.name, "short_texts": len(corpus.short), "long_texts": len(corpus.long),
+            "repeats": repeats, "results": rows}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"model {report['model']}: {report['short_texts']} short texts + {report['long_texts']} long "
+             f"documents; medians of {report['repeats']} runs; /limit compares with the limit on the same "
+             "texts (all, or the short ones)",
+             f"{'contender':48} {'texts/s':>9} {'wordpieces/s':>13} {'/limit':>7} {'padding eff.':>12}  note"]
+    for row in report["results"]:
+        if row["extra"]:
+            for where, figures in row["extra"].items():
+                lines.append(f"{row['name'] + ' (' + where + ')':48} p50 {figures['p50_ms']:.1f} ms, "
+                             f"p95 {figures['p95_ms']:.1f} ms")
+            continue
+        ratio = f"{row['ratio_to_limit']:.2f}" if "ratio_to_limit" in row else "-"
+        efficiency = f"{row['padding_efficiency']:.3f}" if row["padding_efficiency"] is not None else "-"
+        lines.append(f"{row['name']:48} {row['texts_per_s']:9.1f} {row['wordpieces_per_s']:13.0f} {ratio:>7} "
+                     f"{efficiency:>12}  {row['note']}")
+    return "\n".join(lines)
+
+
+def bench_config(config: ClusterConfig, port: int) -> ClusterConfig:
+    """The config with HTTP on a port of the bench's own."""
+    return config.model_copy(update={"http": HTTPConfig(host="127.0.0.1", port=port)})
