@@ -30,7 +30,10 @@ logger = logging.getLogger(__name__)
 
 CORPUS_MODULES = ("json", "collections", "asyncio", "email", "argparse", "logging", "typing", "subprocess",
                   "pathlib", "dataclasses", "functools", "itertools", "unittest", "http.client",
-                  "urllib.request", "inspect", "threading", "decimal", "fractions", "statistics")
+                  "urllib.request", "inspect", "threading", "decimal", "fractions", "statistics",
+                  "numpy", "numpy.linalg", "torch", "torch.nn", "torch.nn.functional", "pandas",
+                  "transformers.modeling_utils", "transformers.tokenization_utils_base",
+                  "ray.data.dataset", "pydantic", "pyarrow.compute")
 SHORT_MAX_CHARS = 200
 CLIENTS = 32
 TEXTS_PER_REQUEST = 16
@@ -53,8 +56,10 @@ def default_corpus(short: int, long: int) -> Corpus:
     docs = []
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)
-        for obj in [module, *vars(module).values()]:
-            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+        members = [module, *vars(module).values()]
+        members += [m for cls in list(members) if inspect.isclass(cls) for m in vars(cls).values()]
+        for obj in members:
+            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) or inspect.isclass(obj) else None
             if doc:
                 docs.append(" ".join(doc.split()))
     docs = list(dict.fromkeys(docs))
