@@ -86,10 +86,6 @@ class ModelSpec:
     def torch_dtype(self) -> torch.dtype | None:
         return resolve_dtype(self.dtype)
 
-    def key(self) -> str:
-        """A stable string form of the spec (used to name shared weights)."""
-        return repr(self)
-
 
 @dataclass
 class CacheInfo:
@@ -162,11 +158,6 @@ def get_model(
         dtype=dtype,
         **load_kwargs,
     )
-    return get_model_for_spec(spec, make_copy=make_copy)
-
-
-def get_model_for_spec(spec: ModelSpec, *, make_copy: bool = False) -> PreTrainedModel:
-    """``get_model`` for an already built spec."""
     with _lock:
         model = _models.get(spec)
         if model is None:
@@ -177,12 +168,6 @@ def get_model_for_spec(spec: ModelSpec, *, make_copy: bool = False) -> PreTraine
         else:
             _info.model_hits += 1
     return copy.deepcopy(model) if make_copy else model
-
-
-def put_model(spec: ModelSpec, model: PreTrainedModel) -> None:
-    """Register a model built elsewhere (e.g. from shared weights) under its spec."""
-    with _lock:
-        _models[spec] = model
 
 
 def get_tokenizer(model_name: str | Path, **tokenizer_kwargs: Any) -> PreTrainedTokenizerBase:

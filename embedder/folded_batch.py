@@ -70,10 +70,6 @@ class FoldedBatch:
             raise ValueError("this batch was not built from words")
         return np.concatenate(([0], np.cumsum(self.words_per_input)[:-1])).astype(np.int64)
 
-    def segment_ids(self, segment: int) -> np.ndarray:
-        start = int(self.segment_starts()[segment])
-        return self.token_ids[start:start + int(self.segment_lengths[segment])]
-
     def input_offsets(self, index: int) -> np.ndarray:
         """The word offsets of one input."""
         start = int(self.word_starts()[index])
