@@ -333,7 +333,7 @@ class Ingress:
         return entries
 
     async def list_models(self) -> list[dict]:
-        """Every served model with its settings and replica counts."""
+        """Every served model with its settings and its replica counts by state (running, starting, ...)."""
         replicas = self._replica_counts()
         cards = []
         for config in self._settings.models:
@@ -353,10 +353,8 @@ class Ingress:
         for config in self._settings.models:
             deployment = deployments.get(deployment_name(config.name))
             if deployment is not None:
-                running = sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
-                target = getattr(getattr(deployment, "target_num_replicas", None), "real", None)
-                counts[config.name] = {"running": running,
-                                       "target": int(target) if target is not None else running}
+                counts[config.name] = {str(getattr(state, "value", state)).lower(): int(n)
+                                       for state, n in deployment.replica_states.items()}
         return counts
 
     # --- HTTP routes ----------------------------------------------------------

@@ -137,7 +137,8 @@ class ModelCard(BaseModel):
     last_layer_only: bool
     pooling: Pooling
     normalize: bool
-    replicas: dict[str, int] = Field(default_factory=dict, description="Current and target replica counts.")
+    replicas: dict[str, int] = Field(default_factory=dict,
+                                     description="Replica counts by state, e.g. {\"running\": 2, \"starting\": 1}.")
 
 
 class ModelsResponse(BaseModel):
