@@ -35,6 +35,8 @@ def serve_command(args: argparse.Namespace) -> int:
                        "" if config.api_key else " and has no API key (--api-key)")
     joined = args.address is not None
     ray.init(address=args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
+    if not joined:
+        config = config.with_local_threads(int(ray.cluster_resources().get("CPU", 1)))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -97,7 +99,7 @@ def bench_command(args: argparse.Namespace) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    config = bench_config(config.model_copy(update={"models": [model]}), port)
+    config = bench_config(config.model_copy(update={"models": [model]}), port).with_local_threads(os.cpu_count() or 1)
     report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster)
     print(format_table(report), flush=True)
     if args.json:

@@ -51,13 +51,26 @@ class ClusterConfig(BaseModel):
 
     def serving(self) -> ServingSettings:
         """The part of the config the ingress needs."""
-        return ServingSettings(models=self.models, limits=self.limits, api_key=self.api_key)
+        return ServingSettings(models=self.models, limits=self.limits, api_key=self.api_key,
+                               inline_tokenize_max_chars=self.ingress.inline_tokenize_max_chars)
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
             if model.name == name:
                 return model
         raise KeyError(f"no model named {name!r} in the config; it has {[m.name for m in self.models]}")
+
+    def with_local_threads(self, cpus: int) -> "ClusterConfig":
+        """The config for a cluster that is this one machine: CPU models that do not set
+        ``torch_threads`` share its ``cpus`` cores among their most replicas (the tokenizer
+        and the ingress use a few percent), instead of one thread per logical ``num_cpus``."""
+        cpu_models = [m for m in self.models if m.num_gpus == 0 and m.torch_threads is None]
+        replicas = sum(m.autoscaling.max_replicas for m in cpu_models)
+        if not replicas:
+            return self
+        threads = max(1, cpus // replicas)
+        models = [m.model_copy(update={"torch_threads": threads}) if m in cpu_models else m for m in self.models]
+        return self.model_copy(update={"models": models})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -3,7 +3,9 @@
 Each request is validated here, tokenized by the tokenizer deployment and
 encoded by its model's encoder deployment: the tokenizer's response is passed
 straight into the encoder call, so the folded batch travels tokenizer ->
-encoder through the object store, never through this replica.
+encoder through the object store, never through this replica. Small requests
+(``inline_tokenize_max_chars``) are tokenized here instead: a Serve hop costs
+more than tokenizing a few sentences.
 """
 
 
@@ -23,7 +25,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import (
@@ -51,6 +53,7 @@ from deployments.schema import (
     TokenizeResponse,
 )
 from deployments.settings import ServingSettings
+from deployments.tokenizer import RequestFolder
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
 from embedder.sentence_pooling import POOLING_MODES
@@ -202,6 +205,7 @@ class Ingress:
         self._settings = settings
         self._limits = settings.limits
         self._tokenizer = tokenizer
+        self._folder = RequestFolder(settings.models, settings.limits) if settings.inline_tokenize_max_chars else None
         self._encoders = encoders
         self._default_model = settings.models[0].name
         self._infos: dict[str, dict] = {}
@@ -227,12 +231,18 @@ class Ingress:
                 raise
             raise mapped from None
 
+    def _fold(self, fold: FoldRequest) -> FoldedBatch | DeploymentResponse:
+        """The folded batch (small requests), or the tokenizer deployment's response to pass on."""
+        if self._folder is not None and fold.num_chars <= self._settings.inline_tokenize_max_chars:
+            return self._folder.fold(fold)
+        return self._tokenizer.fold.remote(fold)
+
     async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
         started = time.monotonic()
         tags = {"model": fold.model, "route": route}
         status = "error"
         try:
-            folded = self._tokenizer.fold.remote(fold)
+            folded = self._fold(fold)
             result: EncodeResult = await self._run(
                 lambda: self._encoders[fold.model].encode.remote(folded, options))
             status = "ok"
@@ -321,7 +331,8 @@ class Ingress:
         """The wordpieces, ids and segments of each input, as the encoder would see them."""
         name = self._model(model)
         fold = self._texts_or_words(name, texts, words, truncate, return_wordpieces=True)
-        batch: FoldedBatch = await self._run(lambda: self._tokenizer.fold.remote(fold))
+        folded = self._fold(fold)
+        batch = folded if isinstance(folded, FoldedBatch) else await self._run(lambda: folded)
         ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
         entries = []
         for index in range(batch.num_inputs):

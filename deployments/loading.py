@@ -19,12 +19,12 @@ def load_indexer(model: ModelConfig) -> PretrainedTransformerIndexer:
 def load_embedder(model: ModelConfig, threads: int | None = None) -> PretrainedTransformerEmbedder:
     """The frozen embedder on its device (CUDA when this process sees a GPU) in its dtype.
 
-    On CPU, torch uses ``threads`` threads (default: the model's ``num_cpus``), so that
-    replicas sharing a machine do not oversubscribe its cores.
+    On CPU, torch uses ``threads`` threads (default: the model's ``torch_threads``, else its
+    ``num_cpus``), so that replicas sharing a machine do not oversubscribe its cores.
     """
     device = resolve_device(model.device)
     if device.type == "cpu":
-        torch.set_num_threads(threads or max(1, int(round(model.num_cpus))))
+        torch.set_num_threads(threads or model.torch_threads or max(1, int(round(model.num_cpus))))
     return PretrainedTransformerEmbedder(
         model.model_name,
         transformer_kwargs={**model.transformer_kwargs, "dtype": choose_dtype(model.dtype, device)},

@@ -22,6 +22,15 @@ class FoldRequest:
     truncate: bool = False
     return_wordpieces: bool = False
 
+    @property
+    def num_chars(self) -> int:
+        """Characters in all inputs: the ingress tokenizes small requests itself."""
+        if self.texts is not None:
+            return sum(map(len, self.texts))
+        if self.pairs is not None:
+            return sum(len(a) + len(b) for a, b in self.pairs)
+        return sum(len(w) for words in self.words or () for w in words)
+
 
 @dataclass(frozen=True)
 class EncodeOptions:

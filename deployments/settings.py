@@ -77,8 +77,11 @@ class ModelConfig(ReplicaSettings):
     normalize: bool | None = Field(None, description="Default L2 normalization; None as for pooling.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="Torch threads of a CPU replica; None: num_cpus "
+                                                              "rounded (at least 1).")
     max_batch_tokens: int = Field(16384, ge=16, description="Token budget of one encoder batch.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits for more requests "
+                                                                "(0: lowest latency, less throughput under load).")
 
     def pooling_defaults(self) -> PoolingDefaults:
         """The pooling this model uses when a request does not say."""
@@ -116,6 +119,9 @@ class IngressSettings(ReplicaSettings):
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(512, ge=1)
     max_queued_requests: int = Field(2048, ge=-1)
+    inline_tokenize_max_chars: int = Field(
+        4096, ge=0, description="Requests with at most this many characters are tokenized in the ingress "
+                                "(one hop fewer); bigger ones by the tokenizer deployment. 0: always there.")
 
 
 class LimitsSettings(_Strict):
@@ -133,6 +139,7 @@ class ServingSettings(_Strict):
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     api_key: str | None = None
+    inline_tokenize_max_chars: int = Field(4096, ge=0)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServingSettings":

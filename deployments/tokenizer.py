@@ -1,4 +1,8 @@
-"""The tokenizer deployment: texts, pairs or words -> ``FoldedBatch``, for every served model."""
+"""Tokenizing and folding requests: texts, pairs or words -> ``FoldedBatch``, for every served model.
+
+``RequestFolder`` does the work; the ``Tokenizer`` deployment runs it for big
+requests, and the ingress runs it in place for small ones (one hop fewer).
+"""
 
 from __future__ import annotations
 
@@ -15,16 +19,15 @@ from embedder.folded_batch import FoldedBatch
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(name="tokenizer")
-class Tokenizer:
-    """Tokenizes and folds on CPU; one deployment serves every model's tokenizer
-    (indexers come from the process-wide tokenizer cache)."""
+class RequestFolder:
+    """Every served model's indexer (from the process-wide tokenizer cache) and the request limits."""
 
     def __init__(self, models: list[ModelConfig], limits: LimitsSettings) -> None:
         self._limits = limits
         self._indexers = {model.name: load_indexer(model) for model in models}
 
     def fold(self, request: FoldRequest) -> FoldedBatch:
+        """The request's inputs tokenized and folded; 400/404/413 errors name the problem."""
         indexer = self._indexers.get(request.model)
         if indexer is None:
             raise UnknownModelError(f"no model named {request.model!r}; served: {sorted(self._indexers)}")
@@ -39,3 +42,14 @@ class Tokenizer:
                 f"the request has {total} wordpieces, over the limit of "
                 f"{self._limits.max_wordpieces_per_request} per request; split it into smaller requests")
         return batch
+
+
+@serve.deployment(name="tokenizer")
+class Tokenizer:
+    """Tokenizes and folds on CPU; one deployment serves every model."""
+
+    def __init__(self, models: list[ModelConfig], limits: LimitsSettings) -> None:
+        self._folder = RequestFolder(models, limits)
+
+    def fold(self, request: FoldRequest) -> FoldedBatch:
+        return self._folder.fold(request)
