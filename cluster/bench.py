@@ -115,7 +115,7 @@ def bench_limit(model: ModelConfig, texts: list[str], repeats: int, name: str) -
     """The model's own forward passes in one process, on pre-tokenized, length-sorted token-budget batches."""
     import torch
 
-    embedder = load_embedder(model, threads=torch.get_num_threads())
+    embedder, _ = load_embedder(model, threads=torch.get_num_threads())
     batch = load_indexer(model).fold(texts)
     stats = EncodeStats()
     encode_folded(embedder, batch, max_batch_tokens=model.max_batch_tokens, stats=stats)
@@ -128,7 +128,7 @@ def bench_naive(model: ModelConfig, corpus: Corpus, repeats: int) -> Result:
     """A hand-written loop: the same segments, input order, padded batches of 32."""
     import torch
 
-    embedder = load_embedder(model)
+    embedder, _ = load_embedder(model)
     batch = load_indexer(model).fold(corpus.texts)
     segments = np.split(batch.token_ids, np.cumsum(batch.segment_lengths)[:-1])
     transformer = embedder.transformer_model

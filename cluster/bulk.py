@@ -101,7 +101,7 @@ class EncodeStage:
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | None,
                  normalize: bool | None, threads: int | None) -> None:
-        self._embedder = load_embedder(model, threads)
+        self._embedder, _ = load_embedder(model, threads)
         defaults = model.pooling_defaults()
         self._pooling = pooling or defaults.mode
         self._normalize = defaults.normalize if normalize is None else normalize

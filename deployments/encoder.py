@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import ray
 import torch
 from ray import serve
 
@@ -22,6 +25,8 @@ from embedder.inference import EncodeStats, encode_folded
 from embedder.transformer_embedder import check_type_ids
 
 logger = logging.getLogger(__name__)
+
+WARM_UP_TEXT = "warm up the encoder"
 
 
 @dataclass
@@ -47,19 +52,35 @@ class Encoder:
     accepting requests while the model runs."""
 
     def __init__(self, model: ModelConfig) -> None:
+        started = time.monotonic()
         self._config = model
-        self._embedder = load_embedder(model)
+        self._embedder, self._weights_source = load_embedder(model)
         self._device = self._embedder.device
         self._pooling = model.pooling_defaults()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{model.name}")
         self._metrics = EncoderMetrics(model.name)
         self._encode_batch.set_max_batch_size(model.max_batch_tokens)
         self._encode_batch.set_batch_wait_timeout_s(model.batch_wait_timeout_s)
-        self._warm_up()
-        logger.info("encoder %s ready on %s (%s)", model.name, self._device, self._embedder.dtype)
+        self._probe_digest = self._warm_up()
+        self._ready_seconds = time.monotonic() - started
+        logger.info("encoder %s ready on %s (%s) in %.2f s, weights from %s", model.name, self._device,
+                    self._embedder.dtype, self._ready_seconds, self._weights_source)
 
-    def _warm_up(self) -> None:
-        encode_folded(self._embedder, load_indexer(self._config).fold(["warm up the encoder"]))
+    def _warm_up(self) -> str:
+        """Run the model once; the digest of its answer tells replicas' weights apart."""
+        vectors = encode_folded(self._embedder, load_indexer(self._config).fold([WARM_UP_TEXT]))[0]
+        return hashlib.sha256(vectors.tobytes()).hexdigest()[:16]
+
+    def replica_info(self) -> dict:
+        """This replica: where its weights came from, how long it took to be ready, its process."""
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "weights_source": self._weights_source,
+            "ready_seconds": self._ready_seconds,
+            "probe_digest": self._probe_digest,
+        }
 
     def info(self) -> dict:
         """What ``GET /models`` shows about this model."""

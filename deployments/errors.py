@@ -51,3 +51,9 @@ class OverloadedError(EmbeddingRequestError):
 
     status_code = 503
     error_type = "overloaded"
+
+
+class ReplicaFailedError(OverloadedError):
+    """A replica died while answering, twice; Serve is replacing it (503)."""
+
+    error_type = "replica_failed"

@@ -9,22 +9,24 @@ more than tokenizing a few sentences.
 """
 
 
+import asyncio
 import base64
 import hmac
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +35,7 @@ from deployments.errors import (
     EmbeddingRequestError,
     OverloadedError,
     PayloadTooLargeError,
+    ReplicaFailedError,
     UnauthorizedError,
     UnknownModelError,
 )
@@ -61,6 +64,7 @@ from embedder.sentence_pooling import POOLING_MODES
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "1"
+REPLICA_DEATHS = (RayActorError, ActorUnavailableError)
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 503)}
 
 
@@ -98,6 +102,10 @@ def as_request_error(error: BaseException) -> EmbeddingRequestError | None:
         return type(error)(error.message)
     if isinstance(error, (BackPressureError, DeploymentUnavailableError)):
         return OverloadedError("the cluster is at capacity; retry shortly")
+    if isinstance(error, RayServeException) and isinstance(error.__cause__, REPLICA_DEATHS):
+        error = error.__cause__  # the tokenizer replica died before the encoder call could start
+    if isinstance(error, REPLICA_DEATHS):
+        return ReplicaFailedError("a replica failed while answering and is being replaced; retry shortly")
     return None
 
 
@@ -126,9 +134,80 @@ async def _validation_error(_: Request, error: RequestValidationError) -> Respon
     return error_body("; ".join(parts), "invalid_request_error", 422)
 
 
+@app.exception_handler(Exception)
+async def _server_error(_: Request, error: Exception) -> Response:
+    logger.error("request failed: %s", type(cause_of(error)).__name__)
+    return error_body("internal error; it has been logged", "server_error", 500)
+
+
+class RequestGuard:
+    """Runs before a body is read: 401 without the API key (every route but ``/health``),
+    503 past ``max_requests_in_flight`` (shedding load costs this replica next to nothing,
+    so refusals stay fast while it is saturated), 413 for a body over the limit (at once
+    when Content-Length says so, else as soon as a streamed body passes it). The replica
+    puts its settings in ``app.state.serving``."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        settings: ServingSettings | None = getattr(scope["app"].state, "serving", None) if "app" in scope else None
+        if scope["type"] != "http" or settings is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if path == "/health":
+            return await self.app(scope, receive, send)
+        if settings.api_key is not None and not _has_key(headers, settings.api_key):
+            error = UnauthorizedError("missing or wrong API key (send 'Authorization: Bearer <key>')")
+            return await error_response(error)(scope, receive, send)
+        if self.in_flight >= settings.limits.max_requests_in_flight:
+            error = OverloadedError(f"this ingress has {self.in_flight} requests in flight, its limit; retry shortly")
+            return await error_response(error)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self._within_body_limit(scope, receive, send, headers, settings.limits.max_body_bytes)
+        finally:
+            self.in_flight -= 1
+
+    async def _within_body_limit(self, scope: dict, receive: Callable, send: Callable, headers: dict,
+                                 limit: int) -> None:
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await error_response(_too_large(int(length), limit))(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                # FastAPI turns other exceptions raised while it reads a body into a plain 400
+                raise HTTPException(413, detail=_too_large(received, limit).message)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _has_key(headers: dict[bytes, bytes], key: str) -> bool:
+    """``Authorization: Bearer <key>`` (what the openai client sends) or ``X-API-Key``, compared in constant time."""
+    given = headers.get(b"authorization", b"")
+    token = given[7:] if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+    return hmac.compare_digest(token, key.encode())
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the body has {size} bytes or more, over the limit of {limit}")
+
+
+app.add_middleware(RequestGuard)
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
-    response = error_body(str(error.detail), "http_error", error.status_code)
+    error_type = PayloadTooLargeError.error_type if error.status_code == 413 else "http_error"
+    response = error_body(str(error.detail), error_type, error.status_code)
     response.headers.update(error.headers or {})
     return response
 
@@ -210,6 +289,7 @@ class Ingress:
         self._default_model = settings.models[0].name
         self._infos: dict[str, dict] = {}
         self._metrics = IngressMetrics()
+        app.state.serving = settings
 
     # --- the pipeline -------------------------------------------------------
 
@@ -231,20 +311,29 @@ class Ingress:
                 raise
             raise mapped from None
 
+    def _tokenizes_here(self, fold: FoldRequest) -> bool:
+        return self._folder is not None and fold.num_chars <= self._settings.inline_tokenize_max_chars
+
     def _fold(self, fold: FoldRequest) -> FoldedBatch | DeploymentResponse:
         """The folded batch (small requests), or the tokenizer deployment's response to pass on."""
-        if self._folder is not None and fold.num_chars <= self._settings.inline_tokenize_max_chars:
-            return self._folder.fold(fold)
-        return self._tokenizer.fold.remote(fold)
+        return self._folder.fold(fold) if self._tokenizes_here(fold) else self._tokenizer.fold.remote(fold)
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``_run``, once more when a replica died mid-call: embedding calls are idempotent,
+        and Serve routes the second try to a live replica."""
+        try:
+            return await self._run(call)
+        except ReplicaFailedError:
+            logger.warning("a replica failed mid-request; retrying once")
+            return await self._run(call)
 
     async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
         started = time.monotonic()
         tags = {"model": fold.model, "route": route}
         status = "error"
         try:
-            folded = self._fold(fold)
-            result: EncodeResult = await self._run(
-                lambda: self._encoders[fold.model].encode.remote(folded, options))
+            result: EncodeResult = await self._retrying(
+                lambda: self._encoders[fold.model].encode.remote(self._fold(fold), options))
             status = "ok"
         except EmbeddingRequestError as error:
             status = str(error.status_code)
@@ -268,25 +357,6 @@ class Ingress:
         if name not in self._infos:
             self._infos[name] = await self._run(lambda: self._encoders[name].info.remote())
         return self._infos[name]
-
-    def _authorize(self, request: Request) -> None:
-        key = self._settings.api_key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            raise UnauthorizedError("missing or wrong API key (send 'Authorization: Bearer <key>')")
-
-    def _check_body_size(self, request: Request) -> None:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
-            raise PayloadTooLargeError(f"the body has {length} bytes, over the limit of "
-                                       f"{self._limits.max_body_bytes}")
-
-    def _guard(self, request: Request) -> None:
-        self._authorize(request)
-        self._check_body_size(request)
 
     # --- handle API (cluster.EmbeddingClient) --------------------------------
 
@@ -331,8 +401,10 @@ class Ingress:
         """The wordpieces, ids and segments of each input, as the encoder would see them."""
         name = self._model(model)
         fold = self._texts_or_words(name, texts, words, truncate, return_wordpieces=True)
-        folded = self._fold(fold)
-        batch = folded if isinstance(folded, FoldedBatch) else await self._run(lambda: folded)
+        if self._tokenizes_here(fold):
+            batch = self._folder.fold(fold)
+        else:
+            batch = await self._retrying(lambda: self._tokenizer.fold.remote(fold))
         ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
         entries = []
         for index in range(batch.num_inputs):
@@ -345,7 +417,7 @@ class Ingress:
 
     async def list_models(self) -> list[dict]:
         """Every served model with its settings and its replica counts by state (running, starting, ...)."""
-        replicas = self._replica_counts()
+        replicas = await asyncio.to_thread(self._replica_counts)
         cards = []
         for config in self._settings.models:
             info = await self._model_info(config.name)
@@ -353,27 +425,29 @@ class Ingress:
         return cards
 
     def _replica_counts(self) -> dict[str, dict[str, int]]:
+        """Per model: replicas by state, and ``target`` (the autoscaler's decision), from the
+        controller's instance details (what Serve's dashboard API shows; ``serve.status()``
+        has no target)."""
         try:
-            status = serve.status()
+            details = serve.context._get_global_client().get_serve_details()
         except Exception:  # the controller is unreachable: leave the counts out
+            logger.warning("no replica counts: the Serve controller did not answer")
             return {}
-        deployments = {}
-        for application in status.applications.values():
-            deployments.update(application.deployments)
+        application = details.get("applications", {}).get(serve.get_replica_context().app_name, {})
+        deployments = application.get("deployments", {})
         counts = {}
         for config in self._settings.models:
             deployment = deployments.get(deployment_name(config.name))
             if deployment is not None:
-                counts[config.name] = {str(getattr(state, "value", state)).lower(): int(n)
-                                       for state, n in deployment.replica_states.items()}
+                states = Counter(str(replica["state"]).lower() for replica in deployment["replicas"])
+                counts[config.name] = {**states, "target": int(deployment["target_num_replicas"])}
         return counts
 
     # --- HTTP routes ----------------------------------------------------------
 
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
-    async def openai_embeddings(self, body: OpenAIEmbeddingRequest, request: Request) -> Response:
+    async def openai_embeddings(self, body: OpenAIEmbeddingRequest) -> Response:
         """OpenAI's embeddings API: works unchanged with the official ``openai`` client."""
-        self._guard(request)
         if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
             raise BadRequestError("token-id arrays are not supported as input; send text")
         name = self._model(body.model)
@@ -392,34 +466,30 @@ class Ingress:
         })
 
     @app.post("/embed", response_model=EmbedResponse, tags=["native"])
-    async def embed(self, body: EmbedRequest, request: Request) -> Response:
+    async def embed(self, body: EmbedRequest) -> Response:
         """One pooled vector per input text."""
-        self._guard(request)
         vectors, _ = await self.embed_texts(body.inputs, pairs=body.pairs, model=body.model, pooling=body.pooling,
                                             normalize=body.normalize, truncate=body.truncate,
                                             dimensions=body.dimensions, route="embed")
         return JSONBytesResponse(vectors)
 
     @app.post("/embed_tokens", response_model=EmbedTokensResponse, tags=["native"])
-    async def embed_tokens(self, body: EmbedTokensRequest, request: Request) -> Response:
+    async def embed_tokens(self, body: EmbedTokensRequest) -> Response:
         """One vector per wordpiece (or per word, from pre-split words), with the tokens."""
-        self._guard(request)
         vectors, tokens = await self.embed_token_vectors(
             texts=body.inputs, words=body.words, model=body.model, level=body.level,
             sub_token_mode=body.sub_token_mode, truncate=body.truncate, route="embed_tokens")
         return JSONBytesResponse([{"tokens": t, "embeddings": v} for t, v in zip(tokens, vectors)])
 
     @app.post("/tokenize", response_model=TokenizeResponse, tags=["native"])
-    async def tokenize(self, body: TokenizeRequest, request: Request) -> Response:
+    async def tokenize(self, body: TokenizeRequest) -> Response:
         """The wordpieces the encoder sees for each input, and how many segments it folds into."""
-        self._guard(request)
         return JSONBytesResponse(await self.tokenize_inputs(texts=body.inputs, words=body.words,
                                                             model=body.model, truncate=body.truncate))
 
     @app.get("/models", response_model=ModelsResponse, tags=["native"])
-    async def models(self, request: Request) -> Response:
+    async def models(self) -> Response:
         """Served models: dimension, dtype, device, max_length, layers, pooling, replicas."""
-        self._guard(request)
         cards = [ModelCard(**card).model_dump() for card in await self.list_models()]
         return JSONBytesResponse({"object": "list", "data": cards})
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ray
 import torch
 
 from deployments.settings import ModelConfig
+from deployments.weight_store import load_shared
+from embedder.cache import ModelSpec, get_model, put_model
 from embedder.devices import choose_dtype, resolve_device
 from embedder.indexer import PretrainedTransformerIndexer
 from embedder.transformer_embedder import PretrainedTransformerEmbedder
@@ -16,17 +19,35 @@ def load_indexer(model: ModelConfig) -> PretrainedTransformerIndexer:
                                         tokenizer_kwargs=model.tokenizer_kwargs or None)
 
 
-def load_embedder(model: ModelConfig, threads: int | None = None) -> PretrainedTransformerEmbedder:
-    """The frozen embedder on its device (CUDA when this process sees a GPU) in its dtype.
+def _model_kwargs(model: ModelConfig, dtype: torch.dtype) -> dict:
+    """``get_model``'s arguments for this model: what ``PretrainedTransformerEmbedder`` loads."""
+    load_kwargs = {k: v for k, v in model.transformer_kwargs.items() if k not in ("dtype", "torch_dtype")}
+    return {"override_weights_file": model.override_weights_file,
+            "override_weights_strip_prefix": model.override_weights_strip_prefix, "dtype": dtype, **load_kwargs}
 
-    On CPU, torch uses ``threads`` threads (default: the model's ``torch_threads``, else its
-    ``num_cpus``), so that replicas sharing a machine do not oversubscribe its cores.
+
+def load_embedder(model: ModelConfig, threads: int | None = None) -> tuple[PretrainedTransformerEmbedder, str]:
+    """The frozen embedder on its device (CUDA when this process sees a GPU) in its dtype,
+    and where its weights came from (``"store"``, ``"disk"``, ``"disk, no store"``).
+
+    With ``share_weights`` and Ray running, the weights come through the cluster's
+    weight store. On CPU, torch uses ``threads`` threads (default: the model's
+    ``torch_threads``, else its ``num_cpus``), so that replicas sharing a machine do
+    not oversubscribe its cores.
     """
     device = resolve_device(model.device)
     if device.type == "cpu":
         torch.set_num_threads(threads or model.torch_threads or max(1, int(round(model.num_cpus))))
-    return PretrainedTransformerEmbedder(
+    dtype = choose_dtype(model.dtype, device)
+    source = "disk"
+    if model.share_weights and ray.is_initialized():
+        kwargs = _model_kwargs(model, dtype)
+        spec = ModelSpec.create(model.model_name, **kwargs)
+        shared, source = load_shared(spec, lambda: get_model(model.model_name, **kwargs))
+        put_model(spec, shared)
+    embedder = PretrainedTransformerEmbedder(
         model.model_name,
-        transformer_kwargs={**model.transformer_kwargs, "dtype": choose_dtype(model.dtype, device)},
+        transformer_kwargs={**model.transformer_kwargs, "dtype": dtype},
         **model.embedder_kwargs(),
     ).to(device)
+    return embedder, source

@@ -138,7 +138,8 @@ class ModelCard(BaseModel):
     pooling: Pooling
     normalize: bool
     replicas: dict[str, int] = Field(default_factory=dict,
-                                     description="Replica counts by state, e.g. {\"running\": 2, \"starting\": 1}.")
+                                     description="Replica counts by state and the autoscaler's target, "
+                                                 "e.g. {\"running\": 1, \"starting\": 1, \"target\": 2}.")
 
 
 class ModelsResponse(BaseModel):

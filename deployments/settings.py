@@ -77,6 +77,8 @@ class ModelConfig(ReplicaSettings):
     normalize: bool | None = Field(None, description="Default L2 normalization; None as for pooling.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    share_weights: bool = Field(True, description="Take the weights from the cluster's weight store "
+                                                   "(one copy per node), publishing them on a miss.")
     torch_threads: int | None = Field(None, ge=1, description="Torch threads of a CPU replica; None: num_cpus "
                                                               "rounded (at least 1).")
     max_batch_tokens: int = Field(16384, ge=16, description="Token budget of one encoder batch.")
@@ -131,6 +133,8 @@ class LimitsSettings(_Strict):
     max_chars_per_input: int = Field(200_000, ge=1)
     max_wordpieces_per_request: int = Field(400_000, ge=1)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_requests_in_flight: int = Field(128, ge=1, description="HTTP requests one ingress replica works on at "
+                                                               "once; past it, 503 with Retry-After at once.")
 
 
 class ServingSettings(_Strict):

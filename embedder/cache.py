@@ -170,6 +170,12 @@ def get_model(
     return copy.deepcopy(model) if make_copy else model
 
 
+def put_model(spec: ModelSpec, model: PreTrainedModel) -> None:
+    """Make ``model`` the cached one for ``spec`` (e.g. built from weights another process shared)."""
+    with _lock:
+        _models[spec] = model
+
+
 def get_tokenizer(model_name: str | Path, **tokenizer_kwargs: Any) -> PreTrainedTokenizerBase:
     """Return the tokenizer for a model, loading it once per process."""
     key = (str(model_name), _freeze(tokenizer_kwargs))

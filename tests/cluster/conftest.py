@@ -10,6 +10,10 @@ import pytest
 from cluster.config import ClusterConfig, HTTPConfig, LimitsSettings, ModelConfig
 
 APP_NAME = "embeddings-test"
+GUARDED_APP = "guarded"
+API_KEY = "test-key-0123456789"
+SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+           "downscale_delay_s": 600, "look_back_period_s": 2}
 
 
 @dataclass
@@ -30,12 +34,33 @@ def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port) ->
             ModelConfig(name="minilm-bf16", model_name=minilm_path, dtype="bfloat16", num_cpus=1),
             ModelConfig(name="tiny-bert", model_name=tiny_bert_path, max_length=32, num_cpus=0.5),
             ModelConfig(name="tiny-roberta", model_name=tiny_roberta_path, max_length=64, num_cpus=0.5),
+            ModelConfig(name="scale-a", model_name=minilm_path, dtype="float32", num_cpus=0.5,
+                        autoscaling=SCALING),
+            ModelConfig(name="scale-b", model_name=tiny_bert_path, max_length=32, num_cpus=0.25,
+                        autoscaling=SCALING),
+            ModelConfig(name="minilm-private", model_name=minilm_path, dtype="float32", num_cpus=0.25,
+                        share_weights=False),
         ],
     )
 
 
 @pytest.fixture(scope="session")
-def serve_cluster(cluster_config) -> RunningCluster:
+def guarded_config(tiny_bert_path) -> ClusterConfig:
+    """A second app with an API key, a small body limit and small queues (overload and kills)."""
+    return ClusterConfig(
+        app_name=GUARDED_APP,
+        route_prefix="/guarded",
+        api_key=API_KEY,
+        limits=LimitsSettings(max_body_bytes=64 * 1024, max_requests_in_flight=16),
+        tokenizer={"num_cpus": 0.1},
+        ingress={"num_cpus": 0.1},
+        models=[ModelConfig(name="guarded-tiny", model_name=tiny_bert_path, max_length=32, num_cpus=0.25,
+                            max_ongoing_requests=4, max_queued_requests=8)],
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(cluster_config, guarded_config) -> RunningCluster:
     import ray
     from ray import serve
 
@@ -46,6 +71,7 @@ def serve_cluster(cluster_config) -> RunningCluster:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cluster_config.http.port})
         serve.run(build_app(cluster_config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(guarded_config), name=GUARDED_APP, route_prefix=guarded_config.route_prefix)
         yield RunningCluster(config=cluster_config, url=f"http://127.0.0.1:{cluster_config.http.port}")
     finally:
         serve.shutdown()
@@ -56,6 +82,16 @@ def serve_cluster(cluster_config) -> RunningCluster:
 def http(serve_cluster):
     with httpx.Client(base_url=serve_cluster.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def guarded_url(serve_cluster, guarded_config) -> str:
+    return serve_cluster.url + guarded_config.route_prefix
+
+
+@pytest.fixture(scope="session")
+def api_key(guarded_config) -> str:
+    return guarded_config.api_key
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def test_health_docs_and_models(http):
     minilm = cards["all-MiniLM-L6-v2"]
     assert (minilm["dim"], minilm["dtype"], minilm["layers"], minilm["max_length"]) == (384, "float32", 6, 512)
     assert (minilm["pooling"], minilm["normalize"], minilm["device"]) == ("mean", True, "cpu")
-    assert minilm["replicas"]["running"] == 1
+    assert minilm["replicas"]["running"] == 1 and minilm["replicas"]["target"] == 1
     assert cards["minilm-bf16"]["dtype"] == "bfloat16"
     assert (cards["tiny-bert"]["dim"], cards["tiny-bert"]["normalize"]) == (32, False)
 
