@@ -28,6 +28,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
+    from deployments.weight_store import kill_weight_store
 
     config = _config_from_args(args)
     if config.http.host not in ("127.0.0.1", "localhost", "::1"):
@@ -49,8 +50,11 @@ def serve_command(args: argparse.Namespace) -> int:
         stop.wait()
         logger.info("stopping: draining requests in flight")
     finally:
+        # deleting the app first lets every replica finish the requests it holds (Serve's graceful
+        # shutdown); serve.shutdown alone would stop the HTTP proxy under them
+        serve.delete(config.app_name)
         if joined:
-            serve.delete(config.app_name)
+            kill_weight_store()
         else:
             serve.shutdown()
         ray.shutdown()

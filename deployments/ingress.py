@@ -439,7 +439,8 @@ class Ingress:
         for config in self._settings.models:
             deployment = deployments.get(deployment_name(config.name))
             if deployment is not None:
-                states = Counter(str(replica["state"]).lower() for replica in deployment["replicas"])
+                states = Counter(str(getattr(replica["state"], "value", replica["state"])).lower()
+                                 for replica in deployment["replicas"])
                 counts[config.name] = {**states, "target": int(deployment["target_num_replicas"])}
         return counts
 

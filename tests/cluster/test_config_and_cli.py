@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -79,13 +80,14 @@ def _raylet_pids() -> set[int]:
     return {int(pid) for pid in result.stdout.split()}
 
 
-def test_cli_serve_answers_and_exits_cleanly_on_sigint(tmp_path, tiny_bert_path, free_port):
+def test_cli_serve_answers_drains_and_exits_cleanly_on_sigint(tmp_path, tiny_bert_path, free_port):
     port = free_port()
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump({
         "tokenizer": {"num_cpus": 0.1},
         "ingress": {"num_cpus": 0.1},
-        "models": [{"name": "tiny", "model_name": tiny_bert_path, "num_cpus": 0.5}],
+        # a request waits 2 s for its batch: SIGINT comes while it is in flight
+        "models": [{"name": "tiny", "model_name": tiny_bert_path, "num_cpus": 0.5, "batch_wait_timeout_s": 2.0}],
     }))
     raylets_before = _raylet_pids()
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config),
@@ -103,11 +105,17 @@ def test_cli_serve_answers_and_exits_cleanly_on_sigint(tmp_path, tiny_bert_path,
             time.sleep(1)
         answer = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["hello"]}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()[0]) == 32
-        process.send_signal(signal.SIGINT)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(httpx.post, f"http://127.0.0.1:{port}/embed", json={"inputs": ["in flight"]},
+                                    timeout=60)
+            time.sleep(1.0)
+            process.send_signal(signal.SIGINT)
+            drained = in_flight.result()
         output, _ = process.communicate(timeout=90)
     finally:
         if process.poll() is None:
             process.kill()
+    assert drained.status_code == 200 and len(drained.json()[0]) == 32, drained.text
     assert process.returncode == 0, output
     assert "embedding-cluster ready: http://127.0.0.1:" in output and "embedding-cluster stopped" in output
     deadline = time.monotonic() + 30
