@@ -27,9 +27,8 @@ def sentence_transformer(minilm_path):
     return SentenceTransformer(minilm_path, device="cpu")
 
 
-def test_health_docs_and_models(http):
-    assert http.get("/health").json() == {
-        "status": "ok", "models": ["all-MiniLM-L6-v2", "minilm-bf16", "tiny-bert", "tiny-roberta"]}
+def test_health_docs_and_models(http, cluster_config):
+    assert http.get("/health").json() == {"status": "ok", "models": sorted(m.name for m in cluster_config.models)}
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/embeddings", "/embed", "/embed_tokens", "/tokenize", "/models", "/health"} <= set(paths)
