@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
 from cluster.config import ClusterConfig, HTTPConfig, LimitsSettings, ModelConfig
 
+REPO = Path(__file__).resolve().parents[2]
 APP_NAME = "embeddings-test"
 GUARDED_APP = "guarded"
 API_KEY = "test-key-0123456789"
@@ -99,3 +105,30 @@ def client(serve_cluster):
     from cluster import EmbeddingClient
 
     return EmbeddingClient(app_name=APP_NAME)
+
+
+def _start_cli_serve(config: Path, port: int, *extra_args: str, env: dict | None = None) -> subprocess.Popen:
+    """``embedding-cluster serve --config CONFIG --port PORT EXTRA_ARGS`` in a subprocess, once its
+    ``/health`` answers (the caller stops it; the process's output is in ``stdout``)."""
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config),
+                                "--port", str(port), *extra_args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                               env=(env or os.environ) | {"PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited early:\n{process.stdout.read()}")
+        time.sleep(1)
+    process.kill()
+    raise AssertionError(f"serve did not answer /health within 180 s:\n{process.communicate()[0]}")
+
+
+@pytest.fixture(scope="session")
+def start_cli_serve():
+    """A function that starts the CLI's ``serve`` and waits until it answers."""
+    return _start_cli_serve

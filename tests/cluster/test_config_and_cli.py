@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -80,7 +79,8 @@ def _raylet_pids() -> set[int]:
     return {int(pid) for pid in result.stdout.split()}
 
 
-def test_cli_serve_answers_drains_and_exits_cleanly_on_sigint(tmp_path, tiny_bert_path, free_port):
+def test_cli_serve_answers_drains_and_exits_cleanly_on_sigint(tmp_path, tiny_bert_path, free_port,
+                                                              start_cli_serve):
     port = free_port()
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump({
@@ -90,19 +90,8 @@ def test_cli_serve_answers_drains_and_exits_cleanly_on_sigint(tmp_path, tiny_ber
         "models": [{"name": "tiny", "model_name": tiny_bert_path, "num_cpus": 0.5, "batch_wait_timeout_s": 2.0}],
     }))
     raylets_before = _raylet_pids()
-    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config),
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=REPO, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    process = start_cli_serve(config, port)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, process.stdout.read()
-            time.sleep(1)
         answer = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["hello"]}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()[0]) == 32
         with ThreadPoolExecutor(max_workers=1) as pool:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,6 @@ import psutil
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 PLACEMENT = """
 import json, sys, ray
@@ -31,10 +29,10 @@ print(json.dumps({"second": second, "nodes": nodes}))
 
 
 def _ray_processes(temp_dir: Path) -> list[psutil.Process]:
-    """Every process of the cluster whose sessions live under ``temp_dir``."""
+    """Every live process of the cluster whose sessions live under ``temp_dir``."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if str(temp_dir) in " ".join(process.info["cmdline"] or ()):
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if process.info["status"] != psutil.STATUS_ZOMBIE and str(temp_dir) in " ".join(process.info["cmdline"] or ()):
             found.append(process)
     return found
 
@@ -47,23 +45,35 @@ def two_nodes(tmp_path, free_port):
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     common = ["--temp-dir", str(temp_dir), "--include-dashboard=false", "--disable-usage-stats"]
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", *common], check=True, env=env,
+        subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--resources", '{"node1": 1}',
+                        *common], check=True, env=env,
                        capture_output=True, timeout=120)
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2",
                         "--resources", '{"node2": 1}', "--temp-dir", str(temp_dir), "--disable-usage-stats"],
                        check=True, env=env, capture_output=True, timeout=120)
         yield f"127.0.0.1:{port}", env
     finally:
+        _stop(temp_dir)
+        assert not _ray_processes(temp_dir), "a process of the two-node cluster outlived its teardown"
+
+
+def _stop(temp_dir: Path) -> None:
+    """SIGTERM, then SIGKILL, every process of the cluster, and wait until they are gone;
+    again for processes a dying raylet started meanwhile."""
+    for _ in range(3):
         processes = _ray_processes(temp_dir)
+        if not processes:
+            return
         for process in processes:
             process.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(processes, timeout=20)
         for process in alive:
             process.kill()
-        assert not [p for p in _ray_processes(temp_dir) if p.is_running() and p.status() != "zombie"]
+        psutil.wait_procs(alive, timeout=10)
 
 
-def test_replica_on_the_second_node_answers_like_the_head(two_nodes, tmp_path, tiny_bert_path, free_port):
+def test_replica_on_the_second_node_answers_like_the_head(two_nodes, tmp_path, tiny_bert_path, free_port,
+                                                           start_cli_serve):
     address, env = two_nodes
     port = free_port()
     config = tmp_path / "cluster.yaml"
@@ -71,24 +81,14 @@ def test_replica_on_the_second_node_answers_like_the_head(two_nodes, tmp_path, t
         "tokenizer": {"num_cpus": 0.1},
         "ingress": {"num_cpus": 0.1},
         "models": [
-            {"name": "head", "model_name": tiny_bert_path, "num_cpus": 0.25, "dtype": "float32"},
+            {"name": "head", "model_name": tiny_bert_path, "num_cpus": 0.25, "dtype": "float32",
+             "resources": {"node1": 0.5}},
             {"name": "second-node", "model_name": tiny_bert_path, "num_cpus": 0.25, "dtype": "float32",
              "resources": {"node2": 0.5}},
         ],
     }))
-    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config),
-                                "--port", str(port), "--address", address], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    process = start_cli_serve(config, port, "--address", address, env=env)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, process.stdout.read()
-            time.sleep(1)
         texts = ["the same text on two nodes", "a longer one " * 40]
         answers = {}
         for model in ("head", "second-node"):
