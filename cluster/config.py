@@ -51,8 +51,7 @@ class ClusterConfig(BaseModel):
 
     def serving(self) -> ServingSettings:
         """The part of the config the ingress needs."""
-        return ServingSettings(models=self.models, limits=self.limits, api_key=self.api_key,
-                               inline_tokenize_max_chars=self.ingress.inline_tokenize_max_chars)
+        return ServingSettings(models=self.models, limits=self.limits, ingress=self.ingress, api_key=self.api_key)
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:

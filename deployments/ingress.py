@@ -284,7 +284,8 @@ class Ingress:
         self._settings = settings
         self._limits = settings.limits
         self._tokenizer = tokenizer
-        self._folder = RequestFolder(settings.models, settings.limits) if settings.inline_tokenize_max_chars else None
+        self._folder = (RequestFolder(settings.models, settings.limits)
+                        if settings.ingress.inline_tokenize_max_chars else None)
         self._encoders = encoders
         self._default_model = settings.models[0].name
         self._infos: dict[str, dict] = {}
@@ -312,7 +313,7 @@ class Ingress:
             raise mapped from None
 
     def _tokenizes_here(self, fold: FoldRequest) -> bool:
-        return self._folder is not None and fold.num_chars <= self._settings.inline_tokenize_max_chars
+        return self._folder is not None and fold.num_chars <= self._settings.ingress.inline_tokenize_max_chars
 
     def _fold(self, fold: FoldRequest) -> FoldedBatch | DeploymentResponse:
         """The folded batch (small requests), or the tokenizer deployment's response to pass on."""

@@ -7,23 +7,16 @@ import torch
 
 from deployments.settings import ModelConfig
 from deployments.weight_store import load_shared
-from embedder.cache import ModelSpec, get_model, put_model
+from embedder.cache import cached_model, put_model
 from embedder.devices import choose_dtype, resolve_device
 from embedder.indexer import PretrainedTransformerIndexer
-from embedder.transformer_embedder import PretrainedTransformerEmbedder
+from embedder.transformer_embedder import PretrainedTransformerEmbedder, transformer_spec
 
 
 def load_indexer(model: ModelConfig) -> PretrainedTransformerIndexer:
     """The model's tokenizer and folding rule (tokenizers come from the process-wide cache)."""
     return PretrainedTransformerIndexer(model.model_name, max_length=model.max_length,
                                         tokenizer_kwargs=model.tokenizer_kwargs or None)
-
-
-def _model_kwargs(model: ModelConfig, dtype: torch.dtype) -> dict:
-    """``get_model``'s arguments for this model: what ``PretrainedTransformerEmbedder`` loads."""
-    load_kwargs = {k: v for k, v in model.transformer_kwargs.items() if k not in ("dtype", "torch_dtype")}
-    return {"override_weights_file": model.override_weights_file,
-            "override_weights_strip_prefix": model.override_weights_strip_prefix, "dtype": dtype, **load_kwargs}
 
 
 def load_embedder(model: ModelConfig, threads: int | None = None) -> tuple[PretrainedTransformerEmbedder, str]:
@@ -39,15 +32,13 @@ def load_embedder(model: ModelConfig, threads: int | None = None) -> tuple[Pretr
     if device.type == "cpu":
         torch.set_num_threads(threads or model.torch_threads or max(1, int(round(model.num_cpus))))
     dtype = choose_dtype(model.dtype, device)
+    transformer_kwargs = {**model.transformer_kwargs, "dtype": dtype}
     source = "disk"
     if model.share_weights and ray.is_initialized():
-        kwargs = _model_kwargs(model, dtype)
-        spec = ModelSpec.create(model.model_name, **kwargs)
-        shared, source = load_shared(spec, lambda: get_model(model.model_name, **kwargs))
+        spec = transformer_spec(model.model_name, transformer_kwargs, model.override_weights_file,
+                                model.override_weights_strip_prefix)
+        shared, source = load_shared(spec, lambda: cached_model(spec))
         put_model(spec, shared)
     embedder = PretrainedTransformerEmbedder(
-        model.model_name,
-        transformer_kwargs={**model.transformer_kwargs, "dtype": dtype},
-        **model.embedder_kwargs(),
-    ).to(device)
+        model.model_name, transformer_kwargs=transformer_kwargs, **model.embedder_kwargs()).to(device)
     return embedder, source

@@ -142,8 +142,8 @@ class ServingSettings(_Strict):
 
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
     api_key: str | None = None
-    inline_tokenize_max_chars: int = Field(4096, ge=0)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServingSettings":

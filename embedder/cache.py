@@ -158,6 +158,11 @@ def get_model(
         dtype=dtype,
         **load_kwargs,
     )
+    return cached_model(spec, make_copy=make_copy)
+
+
+def cached_model(spec: ModelSpec, *, make_copy: bool = False) -> PreTrainedModel:
+    """``get_model`` for a spec already built."""
     with _lock:
         model = _models.get(spec)
         if model is None:

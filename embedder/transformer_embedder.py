@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, XLNetConfig
 
-from embedder.cache import get_model, get_tokenizer
+from embedder.cache import ModelSpec, cached_model, get_tokenizer
 from embedder.folding import fold_padded, unfold_padded
 from embedder.scalar_mix import ScalarMix
 from embedder.special_tokens import SpecialTokens
@@ -56,6 +56,19 @@ def run_transformer(
     return model(**parameters)[0]
 
 
+def transformer_spec(model_name: str, transformer_kwargs: dict[str, Any] | None = None,
+                     override_weights_file: str | None = None,
+                     override_weights_strip_prefix: str | None = None) -> ModelSpec:
+    """The weight-cache key of the transformer that ``PretrainedTransformerEmbedder`` loads
+    for these arguments (``dtype`` or ``torch_dtype`` in ``transformer_kwargs`` is the dtype)."""
+    load_kwargs = dict(transformer_kwargs or {})
+    dtype = load_kwargs.pop("dtype", None)
+    torch_dtype = load_kwargs.pop("torch_dtype", None)
+    return ModelSpec.create(model_name, override_weights_file=override_weights_file,
+                            override_weights_strip_prefix=override_weights_strip_prefix,
+                            dtype=dtype or torch_dtype, **load_kwargs)
+
+
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     """Turn gradient (activation) checkpointing on or off through the current
     transformers API (``activation_checkpointing_*``, formerly ``gradient_checkpointing_*``)."""
@@ -99,15 +112,9 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
         transformer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        load_kwargs = dict(transformer_kwargs or {})
-        dtype = load_kwargs.pop("dtype", None) or load_kwargs.pop("torch_dtype", None)
-        model = get_model(
-            model_name,
+        model = cached_model(
+            transformer_spec(model_name, transformer_kwargs, override_weights_file, override_weights_strip_prefix),
             make_copy=train_parameters or gradient_checkpointing is not None,
-            override_weights_file=override_weights_file,
-            override_weights_strip_prefix=override_weights_strip_prefix,
-            dtype=dtype,
-            **load_kwargs,
         )
         if gradient_checkpointing is not None:
             set_activation_checkpointing(model, gradient_checkpointing)
