@@ -19,7 +19,7 @@ APP_NAME = "embeddings-test"
 GUARDED_APP = "guarded"
 API_KEY = "test-key-0123456789"
 SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-           "downscale_delay_s": 600, "look_back_period_s": 2}
+           "downscale_delay_s": 600, "metrics_interval_s": 1, "look_back_period_s": 2}
 
 
 @dataclass
