@@ -82,8 +82,9 @@ class ModelConfig(ReplicaSettings):
     torch_threads: int | None = Field(None, ge=1, description="Torch threads of a CPU replica; None: num_cpus "
                                                               "rounded (at least 1).")
     max_batch_tokens: int = Field(16384, ge=16, description="Token budget of one encoder batch.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits for more requests "
-                                                                "(0: lowest latency, less throughput under load).")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long a request that finds the model idle "
+                                                              "waits for others to batch with (under load, "
+                                                              "batches form from what queued meanwhile).")
 
     def pooling_defaults(self) -> PoolingDefaults:
         """The pooling this model uses when a request does not say."""
