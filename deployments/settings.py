@@ -81,7 +81,8 @@ class ModelConfig(ReplicaSettings):
                                                    "(one copy per node), publishing them on a miss.")
     torch_threads: int | None = Field(None, ge=1, description="Torch threads of a CPU replica; None: num_cpus "
                                                               "rounded (at least 1).")
-    max_batch_tokens: int = Field(16384, ge=16, description="Token budget of one encoder batch.")
+    max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one encoder batch (raise it on "
+                                                           "GPUs, e.g. 65536).")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long a request that finds the model idle "
                                                               "waits for others to batch with (under load, "
                                                               "batches form from what queued meanwhile).")
