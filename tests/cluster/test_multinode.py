@@ -20,9 +20,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 PLACEMENT = """
 import json, sys, ray
 from ray import serve
+from deployments.ingress import deployment_name
 ray.init(address=sys.argv[1], namespace="embedding-cluster", log_to_driver=False)
 second = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node2" in n["Resources"]]
-nodes = {m: serve.get_deployment_handle("encoder-" + m, app_name="embeddings").replica_info.remote().result()["node"]
+nodes = {m: serve.get_deployment_handle(deployment_name(m), app_name="embeddings").replica_info.remote().result()["node"]
          for m in ("head", "second-node")}
 print(json.dumps({"second": second, "nodes": nodes}))
 """

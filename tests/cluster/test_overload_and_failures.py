@@ -20,6 +20,7 @@ import pytest
 import ray
 from ray import serve
 
+from deployments.ingress import deployment_name
 
 logger = logging.getLogger(__name__)
 GUARDED_APP = "guarded"
@@ -154,7 +155,7 @@ def _replaced(deployment: str, killed: str) -> bool:
     return running and status.status == "HEALTHY" and bool(set(_replica_names(deployment)) - {killed})
 
 
-@pytest.mark.parametrize("deployment, text", [("encoder-guarded-tiny", TEXTS[0]), ("tokenizer", LONG_TEXT)])
+@pytest.mark.parametrize("deployment, text", [(deployment_name("guarded-tiny"), TEXTS[0]), ("tokenizer", LONG_TEXT)])
 def test_killing_a_replica_under_load_loses_no_request(guarded_url, headers, expected, figures, deployment,
                                                        text):
     stop = threading.Event()

@@ -13,6 +13,7 @@ import ray
 import torch
 from ray import serve
 
+from deployments.ingress import deployment_name
 from deployments.loading import load_indexer
 from deployments.weight_store import STORE_NAME, STORE_NAMESPACE
 from embedder import PretrainedTransformerEmbedder
@@ -24,12 +25,12 @@ MINILM_FP32_BYTES = 22_713_216 * 4  # parameters of all-MiniLM-L6-v2 in float32
 
 
 def _running(status, model: str) -> int:
-    return status.applications[APP].deployments[f"encoder-{model}"].replica_states.get("RUNNING", 0)
+    return status.applications[APP].deployments[deployment_name(model)].replica_states.get("RUNNING", 0)
 
 
 def _replicas(model: str, calls: int = 40) -> dict[str, dict]:
     """Every replica's ``replica_info`` (calls spread over the replicas by Serve's router)."""
-    handle = serve.get_deployment_handle(f"encoder-{model}", app_name=APP)
+    handle = serve.get_deployment_handle(deployment_name(model), app_name=APP)
     infos = [handle.replica_info.remote().result(timeout_s=60) for _ in range(calls)]
     return {info["replica"]: info for info in infos}
 
