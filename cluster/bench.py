@@ -273,7 +273,7 @@ def bench_bulk(model: ModelConfig, texts: list[str], copies: int = BULK_COPIES) 
                 steady_rows += len(batch[TOKENS_COLUMN])
                 steady_tokens += tokens
         ended = time.perf_counter()
-        note = f"corpus x{copies}"
+        note = f"corpus x{copies}, one run after a warm-up run"
         results = [Result("bulk: embed_dataset (ray.data), end to end", len(rows), ended - started, total_tokens,
                           note=f"{note}, actor start-up included")]
         if steady_rows:
