@@ -18,8 +18,11 @@ API_KEY_ENV = "EMBEDDING_CLUSTER_API_KEY"
 
 
 def build_app(config: ClusterConfig | None = None) -> Application:
-    """Bind the deployments of ``config`` (default: the bundled MiniLM) into one app."""
-    config = config or ClusterConfig()
+    """Bind the deployments of ``config`` (default: the bundled MiniLM) into one app.
+
+    Each model's folder is read here (``ClusterConfig.resolved``), so a model that cannot be
+    served stops the deployment with its reason before any replica starts."""
+    config = (config or ClusterConfig()).resolved()
     if config.api_key is None and os.environ.get(API_KEY_ENV):
         config = config.model_copy(update={"api_key": os.environ[API_KEY_ENV]})
     tokenizer = Tokenizer.options(**config.tokenizer.deployment_options()).bind(config.models, config.limits)

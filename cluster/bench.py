@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import ClusterConfig, HTTPConfig
-from deployments.loading import load_embedder, load_indexer
+from deployments.loading import load_encoder, load_indexer
 from deployments.settings import ModelConfig
 from embedder.inference import EncodeStats, encode_folded
 
@@ -117,11 +117,13 @@ def bench_limit(model: ModelConfig, texts: list[str], repeats: int, name: str, s
     """The model's own forward passes in one process, on pre-tokenized, length-sorted token-budget batches."""
     import torch
 
-    embedder, _ = load_embedder(model, threads=torch.get_num_threads())
-    batch = load_indexer(model).fold(texts)
+    encoder, _ = load_encoder(model, threads=torch.get_num_threads())
+    embedder = encoder.embedder
+    batch = encoder.indexer.fold(texts)
     stats = EncodeStats()
-    encode_folded(embedder, batch, max_batch_tokens=model.max_batch_tokens, stats=stats)
-    seconds = _timed(lambda: encode_folded(embedder, batch, max_batch_tokens=model.max_batch_tokens), repeats)
+    encode_folded(embedder, batch, head=encoder.head, max_batch_tokens=model.max_batch_tokens, stats=stats)
+    seconds = _timed(lambda: encode_folded(embedder, batch, head=encoder.head,
+                                           max_batch_tokens=model.max_batch_tokens), repeats)
     return Result(name, len(texts), seconds, int(batch.num_wordpieces.sum()),
                   stats.padding_efficiency, f"{embedder.dtype}".removeprefix("torch."), short_only=short_only)
 
@@ -130,10 +132,10 @@ def bench_naive(model: ModelConfig, corpus: Corpus, repeats: int) -> Result:
     """A hand-written loop: the same segments, input order, padded batches of 32."""
     import torch
 
-    embedder, _ = load_embedder(model)
-    batch = load_indexer(model).fold(corpus.texts)
+    encoder, _ = load_encoder(model)
+    batch = encoder.indexer.fold(corpus.texts)
     segments = np.split(batch.token_ids, np.cumsum(batch.segment_lengths)[:-1])
-    transformer = embedder.transformer_model
+    transformer = encoder.embedder.transformer_model
     real = int(batch.segment_lengths.sum())
     computed = 0
     chunks = [segments[i:i + 32] for i in range(0, len(segments), 32)]

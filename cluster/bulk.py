@@ -19,10 +19,11 @@ import ray
 from ray.data import ActorPoolStrategy, Dataset
 
 from cluster.config import ClusterConfig
-from deployments.loading import load_embedder, load_indexer
+from deployments.loading import load_encoder, load_indexer
 from deployments.settings import ModelConfig
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import encode_folded
+from embedder.sentence_pooling import check_pooling_modes
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ ERROR_COLUMN = "error"
 TOKENS_COLUMN = "num_tokens"
 _TOKEN_IDS = "__token_ids"
 _SEGMENT_LENGTHS = "__segment_lengths"
-_INTERNAL = (_TOKEN_IDS, _SEGMENT_LENGTHS)
+_PROMPT_LENGTH = "__prompt_length"
+_INTERNAL = (_TOKEN_IDS, _SEGMENT_LENGTHS, _PROMPT_LENGTH)
 
 
 def text_problem(value: Any) -> str | None:
@@ -48,10 +50,11 @@ def text_problem(value: Any) -> str | None:
 class TokenizeStage:
     """``map_batches`` class: texts -> folded segments, one ragged row per text."""
 
-    def __init__(self, model: ModelConfig, text_column: str, truncate: bool) -> None:
+    def __init__(self, model: ModelConfig, text_column: str, truncate: bool, prompt: str | None) -> None:
         self._indexer = load_indexer(model)
         self._text_column = text_column
         self._truncate = truncate
+        self._prompt = prompt
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if self._text_column not in table.column_names:
@@ -64,8 +67,9 @@ class TokenizeStage:
         token_rows: list[np.ndarray | None] = [None] * len(texts)
         length_rows: list[np.ndarray | None] = [None] * len(texts)
         counts = np.zeros(len(texts), dtype=np.int32)
+        prompt_length = self._indexer.prompt_length(self._prompt) if self._prompt else 0
         if valid:
-            batch = self._indexer.fold([texts[i] for i in valid], truncate=self._truncate)
+            batch = self._indexer.fold([texts[i] for i in valid], truncate=self._truncate, prompt=self._prompt)
             token_starts = np.concatenate(([0], np.cumsum(batch.segment_lengths)))
             segment_starts = np.concatenate(([0], np.cumsum(batch.segments_per_input)))
             for position, row in enumerate(valid):
@@ -78,6 +82,7 @@ class TokenizeStage:
         return (table
                 .append_column(_TOKEN_IDS, pa.array(token_rows, type=pa.list_(pa.int32())))
                 .append_column(_SEGMENT_LENGTHS, pa.array(length_rows, type=pa.list_(pa.int32())))
+                .append_column(_PROMPT_LENGTH, pa.array(np.full(len(texts), prompt_length, dtype=np.int32)))
                 .append_column(TOKENS_COLUMN, pa.array(counts))
                 .append_column(ERROR_COLUMN, pa.array(problems, type=pa.string())))
 
@@ -93,30 +98,31 @@ def _folded_rows(table: pa.Table, rows: np.ndarray, num_start: int, num_end: int
         num_wordpieces=table.column(TOKENS_COLUMN).take(rows).to_numpy().astype(np.int32),
         num_start_tokens=num_start,
         num_end_tokens=num_end,
+        prompt_lengths=table.column(_PROMPT_LENGTH).take(rows).to_numpy().astype(np.int32),
     )
 
 
 class EncodeStage:
     """``map_batches`` class: folded rows -> one float32 vector (or one per wordpiece) per row."""
 
-    def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | None,
+    def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | list[str] | None,
                  normalize: bool | None, threads: int | None) -> None:
-        self._embedder, _ = load_embedder(model, threads)
-        defaults = model.pooling_defaults()
-        self._pooling = pooling or defaults.mode
-        self._normalize = defaults.normalize if normalize is None else normalize
+        encoder, _ = load_encoder(model, threads)
+        self._embedder, self._head = encoder.embedder, encoder.head
+        self._pooling = pooling
+        self._normalize = normalize
         self._model = model
         self._output_column = output_column
         self._level = level
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        dim = self._embedder.get_output_dim()
+        dim = self._head.get_output_dim() if self._level == "pooled" else self._embedder.get_output_dim()
         ok = np.flatnonzero(table.column(ERROR_COLUMN).is_null().to_numpy(zero_copy_only=False))
         special = self._embedder.special_tokens
         vectors = None
         if len(ok):
             batch = _folded_rows(table, ok, special.num_start, special.num_end)
-            vectors = encode_folded(self._embedder, batch, level=self._level, pooling=self._pooling,
+            vectors = encode_folded(self._embedder, batch, level=self._level, head=self._head, pooling=self._pooling,
                                     normalize=self._normalize, max_batch_tokens=self._model.max_batch_tokens)
         column = (self._pooled_column if self._level == "pooled" else self._wordpiece_column)(
             table.num_rows, ok, vectors, dim)
@@ -175,9 +181,11 @@ def embed_dataset(
     text_column: str = "text",
     output_column: str = "embedding",
     level: BulkLevel = "pooled",
-    pooling: str | None = None,
+    pooling: str | list[str] | None = None,
     normalize: bool | None = None,
     truncate: bool = False,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
     batch_size: int = 256,
     tokenize_actors: int | None = None,
     encode_actors: int | None = None,
@@ -188,20 +196,25 @@ def embed_dataset(
 
     ``model`` is a ``ModelConfig`` or the name of the default config's model
     (``None``: the bundled MiniLM). Every other column passes through. Long
-    texts are folded, never truncated unless ``truncate``. Pool sizes and CPU
-    encoders' torch threads default from the resources free now.
+    texts are folded, never truncated unless ``truncate``. ``prompt_name`` / ``prompt``
+    choose a prompt as on ``/embed`` (the model's default prompt when neither is given).
+    Pool sizes and CPU encoders' torch threads default from the resources free now.
     """
     if level not in ("pooled", "wordpiece"):
         raise ValueError(f"level must be 'pooled' or 'wordpiece', not {level!r}")
     if model is None or isinstance(model, str):
         model = ClusterConfig().model(model) if model else ClusterConfig().models[0]
+    model = model.resolved()
+    prompt = model.prompt(prompt_name, prompt)
+    if pooling is not None:
+        check_pooling_modes(pooling)
     default_tokenizers, default_encoders = default_pool_sizes(model, tokenize_cpus)
     encode_actors = encode_actors or default_encoders
     if encode_threads is None and model.num_gpus == 0:
         encode_threads = default_encode_threads(encode_actors)
     tokenized = ds.map_batches(
         TokenizeStage,
-        fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate},
+        fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate, "prompt": prompt},
         batch_format="pyarrow",
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=tokenize_actors or default_tokenizers),

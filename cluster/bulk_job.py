@@ -94,14 +94,19 @@ def run_bulk_job(
     id_column: str | None = None,
     level: BulkLevel = "pooled",
     truncate: bool = False,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
     resume: bool = False,
     rows_per_part: int = 10_000,
     batch_size: int = 256,
     encode_actors: int | None = None,
     show_progress: bool = True,
 ) -> BulkSummary:
-    """Embed every row of ``source`` into parquet parts under ``output`` (Ray must be initialized)."""
+    """Embed every row of ``source`` into parquet parts under ``output`` (Ray must be initialized).
+    ``prompt_name`` / ``prompt`` choose the prompt as on ``/embed``."""
     started = time.monotonic()
+    model = model.resolved()
+    model.prompt(prompt_name, prompt)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     summary = BulkSummary()
@@ -122,7 +127,8 @@ def run_bulk_job(
     elif id_column is not None and id_column not in columns:
         raise KeyError(f"the input has no id column {id_column!r}; it has {columns}")
     embedded = embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
-                             batch_size=batch_size, encode_actors=encode_actors)
+                             prompt_name=prompt_name, prompt=prompt, batch_size=batch_size,
+                             encode_actors=encode_actors)
     run_id = uuid.uuid4().hex[:8]
     pending: pa.Table | None = None
     parts = 0

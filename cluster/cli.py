@@ -30,7 +30,11 @@ def serve_command(args: argparse.Namespace) -> int:
     from cluster.app import build_app
     from deployments.weight_store import kill_weight_store
 
-    config = _config_from_args(args)
+    try:
+        config = _config_from_args(args).resolved()
+    except ValueError as error:
+        print(f"embedding-cluster serve: {error}", file=sys.stderr)
+        return 2
     if config.http.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("HTTP binds %s: the API is reachable from other machines%s", config.http.host,
                        "" if config.api_key else " and has no API key (--api-key)")
@@ -69,12 +73,17 @@ def embed_command(args: argparse.Namespace) -> int:
     from cluster.bulk_job import run_bulk_job
 
     config = load_config(args.config)
-    model = config.model(args.model) if args.model else config.models[0]
+    try:
+        model = (config.model(args.model) if args.model else config.models[0]).resolved()
+        model.prompt(args.prompt_name, args.prompt)
+    except (KeyError, ValueError) as error:
+        print(f"embedding-cluster embed: {error}", file=sys.stderr)
+        return 2
     ray.init(address=args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
     try:
         summary = run_bulk_job(args.input, args.output, model, text_column=args.text_column,
                                id_column=args.id_column, level=args.level, truncate=args.truncate,
-                               resume=args.resume, rows_per_part=args.rows_per_part, batch_size=args.batch_size,
+                               prompt_name=args.prompt_name, prompt=args.prompt, resume=args.resume, rows_per_part=args.rows_per_part, batch_size=args.batch_size,
                                encode_actors=args.encode_actors)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
         print(f"embedding-cluster embed: {error}", file=sys.stderr)
@@ -140,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
     embed.add_argument("--id-column", help="the rows' id column, kept and used by --resume (default: id)")
     embed.add_argument("--level", choices=["pooled", "wordpiece"], default="pooled")
-    embed.add_argument("--truncate", action="store_true", help="keep only the first segment of long texts")
+    embed.add_argument("--truncate", action="store_true", help="keep only max_length wordpieces of long texts")
+    embed.add_argument("--prompt-name", help="one of the model's prompts (default: its default prompt, if any)")
+    embed.add_argument("--prompt", help="a literal prompt put before every text")
     embed.add_argument("--resume", action="store_true",
                        help="keep the complete parts an interrupted run left in OUTPUT and embed the rest")
     embed.add_argument("--address", help="run on this Ray cluster (HEAD:PORT or 'auto') instead of a local one")

@@ -53,25 +53,34 @@ class EmbeddingClient:
 
     # --- blocking -------------------------------------------------------------
 
-    def embed(self, texts: str | list[str] | None = None, model: str | None = None, pooling: str | None = None,
-              normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
-              pairs: list[tuple[str, str]] | None = None) -> np.ndarray:
-        """One pooled vector per text (or per sentence pair): ``[n, dim]`` float32."""
+    def embed(self, texts: str | list[str] | None = None, model: str | None = None,
+              pooling: str | list[str] | None = None, normalize: bool | None = None, truncate: bool = False,
+              dimensions: int | None = None, pairs: list[tuple[str, str]] | None = None,
+              prompt_name: str | None = None, prompt: str | None = None,
+              truncation_direction: str | None = None) -> np.ndarray:
+        """One pooled vector per text (or per sentence pair): ``[n, dim]`` float32, as
+        ``SentenceTransformer.encode(texts, prompt_name=..., prompt=...)`` gives them."""
         return self._result(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
                                        normalize=normalize, truncate=truncate, dimensions=dimensions,
-                                       pairs=pairs))[0]
+                                       pairs=pairs, prompt_name=prompt_name, prompt=prompt,
+                                       truncation_direction=truncation_direction))[0]
 
     def embed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
                      model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",
-                     truncate: bool = False) -> list[np.ndarray]:
+                     truncate: bool = False, prompt_name: str | None = None, prompt: str | None = None,
+                     truncation_direction: str | None = None) -> list[np.ndarray]:
         """Per input, one vector per wordpiece (``level="wordpiece"``) or per word (``"word"``)."""
         return self._result(self._call("embed_token_vectors", texts=texts, words=words, model=model, level=level,
-                                       sub_token_mode=sub_token_mode, truncate=truncate))[0]
+                                       sub_token_mode=sub_token_mode, truncate=truncate, prompt_name=prompt_name,
+                                       prompt=prompt, truncation_direction=truncation_direction))[0]
 
     def tokenize(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
-                 model: str | None = None, truncate: bool = False) -> list[dict]:
+                 model: str | None = None, truncate: bool = False, prompt_name: str | None = None,
+                 prompt: str | None = None, truncation_direction: str | None = None) -> list[dict]:
         """Per input: its wordpieces, ids, number of segments (and word offsets for words)."""
-        return self._result(self._call("tokenize_inputs", texts=texts, words=words, model=model, truncate=truncate))
+        return self._result(self._call("tokenize_inputs", texts=texts, words=words, model=model, truncate=truncate,
+                                       prompt_name=prompt_name, prompt=prompt,
+                                       truncation_direction=truncation_direction))
 
     def models(self) -> list[dict]:
         """The served models and their settings."""
@@ -80,22 +89,30 @@ class EmbeddingClient:
     # --- async twins ----------------------------------------------------------
 
     async def aembed(self, texts: str | list[str] | None = None, model: str | None = None,
-                     pooling: str | None = None, normalize: bool | None = None, truncate: bool = False,
-                     dimensions: int | None = None, pairs: list[tuple[str, str]] | None = None) -> np.ndarray:
+                     pooling: str | list[str] | None = None, normalize: bool | None = None, truncate: bool = False,
+                     dimensions: int | None = None, pairs: list[tuple[str, str]] | None = None,
+                     prompt_name: str | None = None, prompt: str | None = None,
+                     truncation_direction: str | None = None) -> np.ndarray:
         return (await self._aresult(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
                                                normalize=normalize, truncate=truncate, dimensions=dimensions,
-                                               pairs=pairs)))[0]
+                                               pairs=pairs, prompt_name=prompt_name, prompt=prompt,
+                                               truncation_direction=truncation_direction)))[0]
 
     async def aembed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
                             model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",
-                            truncate: bool = False) -> list[np.ndarray]:
+                            truncate: bool = False, prompt_name: str | None = None, prompt: str | None = None,
+                            truncation_direction: str | None = None) -> list[np.ndarray]:
         return (await self._aresult(self._call("embed_token_vectors", texts=texts, words=words, model=model,
-                                               level=level, sub_token_mode=sub_token_mode, truncate=truncate)))[0]
+                                               level=level, sub_token_mode=sub_token_mode, truncate=truncate,
+                                               prompt_name=prompt_name, prompt=prompt,
+                                               truncation_direction=truncation_direction)))[0]
 
     async def atokenize(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
-                        model: str | None = None, truncate: bool = False) -> list[dict]:
+                        model: str | None = None, truncate: bool = False, prompt_name: str | None = None,
+                        prompt: str | None = None, truncation_direction: str | None = None) -> list[dict]:
         return await self._aresult(self._call("tokenize_inputs", texts=texts, words=words, model=model,
-                                              truncate=truncate))
+                                              truncate=truncate, prompt_name=prompt_name, prompt=prompt,
+                                              truncation_direction=truncation_direction))
 
     async def amodels(self) -> list[dict]:
         return await self._aresult(self._call("list_models"))

@@ -53,6 +53,11 @@ class ClusterConfig(BaseModel):
         """The part of the config the ingress needs."""
         return ServingSettings(models=self.models, limits=self.limits, ingress=self.ingress, api_key=self.api_key)
 
+    def resolved(self) -> "ClusterConfig":
+        """Every model with the settings its folder decides made explicit (``ModelConfig.resolved``);
+        ``ValueError`` naming the model and the folder for a model that cannot be served."""
+        return self.model_copy(update={"models": [model.resolved() for model in self.models]})
+
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
             if model.name == name:

@@ -17,12 +17,13 @@ from ray import serve
 
 from deployments.batcher import ContinuousBatcher, Queued
 from deployments.errors import BadRequestError
-from deployments.loading import load_embedder, load_indexer
+from deployments.loading import load_encoder
 from deployments.metrics import EncoderMetrics
 from deployments.protocol import EncodeOptions, EncodeResult
 from deployments.settings import ModelConfig
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import EncodeStats, encode_folded
+from embedder.sentence_pooling import check_pooling_modes
 from embedder.transformer_embedder import check_type_ids
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ class Encoder:
         # calls torch gets its own OpenMP team, and an idle team slows the busy one (one short
         # text on 2 cores: 6-8 ms on one thread, 14 ms once a second thread had run the model).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{model.name}")
-        self._embedder, self._weights_source = self._executor.submit(load_embedder, model).result()
+        self._encoder, self._weights_source = self._executor.submit(load_encoder, model).result()
+        self._embedder, self._head = self._encoder.embedder, self._encoder.head
         self._device = self._embedder.device
-        self._pooling = model.pooling_defaults()
         self._metrics = EncoderMetrics(model.name)
         self._batcher: ContinuousBatcher[_Request, EncodeResult] = ContinuousBatcher(
             self._encode_batch, model.max_batch_tokens, model.batch_wait_timeout_s)
@@ -65,7 +66,7 @@ class Encoder:
 
     def _warm_up(self) -> str:
         """Run the model once; the digest of its answer tells replicas' weights apart."""
-        vectors = encode_folded(self._embedder, load_indexer(self._config).fold([WARM_UP_TEXT]))[0]
+        vectors = encode_folded(self._embedder, self._encoder.indexer.fold([WARM_UP_TEXT]), head=self._head)[0]
         return hashlib.sha256(vectors.tobytes()).hexdigest()[:16]
 
     def replica_info(self) -> dict:
@@ -82,21 +83,32 @@ class Encoder:
     def info(self) -> dict:
         """What ``GET /models`` shows about this model."""
         config = self._embedder.config
+        settings = self._encoder.settings
         return {
             "model_name": self._config.model_name,
-            "dim": self._embedder.get_output_dim(),
+            "dim": self._head.get_output_dim(),
+            "wordpiece_dim": self._embedder.get_output_dim(),
             "dtype": str(self._embedder.dtype).removeprefix("torch."),
             "device": str(self._device),
-            "max_length": self._config.max_length,
+            "max_length": settings.max_length,
             "layers": int(config.num_hidden_layers),
             "last_layer_only": self._config.last_layer_only,
-            "pooling": self._pooling.mode,
-            "normalize": self._pooling.normalize,
+            "pooling": list(self._head.pooling_modes),
+            "include_prompt": self._head.include_prompt,
+            "normalize": self._head.normalizes,
+            "head": [type(layer).__name__ for layer in self._head.layers],
+            "prompts": settings.prompts,
+            "default_prompt_name": settings.default_prompt_name,
         }
 
     def _validate(self, batch: FoldedBatch, options: EncodeOptions) -> None:
         if options.level == "word" and not batch.has_words:
             raise BadRequestError("level 'word' needs pre-split words")
+        if options.pooling is not None:
+            try:
+                self._head.output_dim_for(check_pooling_modes(options.pooling))
+            except ValueError as error:
+                raise BadRequestError(f"model {self._config.name!r}: {error}") from None
         if batch.type_ids is not None:
             try:
                 check_type_ids(torch.from_numpy(batch.type_ids), self._embedder.type_vocab_size)
@@ -130,8 +142,9 @@ class Encoder:
                 self._embedder,
                 batches,
                 level=options.level,
-                pooling=options.pooling or self._pooling.mode,
-                normalize=self._pooling.normalize if options.normalize is None else options.normalize,
+                head=self._head,
+                pooling=options.pooling,
+                normalize=options.normalize,
                 sub_token_mode=options.sub_token_mode,
                 max_batch_tokens=self._config.max_batch_tokens,
                 stats=stats,

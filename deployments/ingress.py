@@ -59,7 +59,8 @@ from deployments.settings import ServingSettings
 from deployments.tokenizer import RequestFolder
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
-from embedder.sentence_pooling import POOLING_MODES
+from embedder.indexer import TRUNCATION_DIRECTIONS
+from embedder.sentence_pooling import check_pooling_modes
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,23 @@ def _check_pairs(value: Any, limits) -> list[tuple[str, str]]:
     return list(zip(firsts, seconds))
 
 
+def _check_direction(value: Any) -> str | None:
+    if value is not None and value not in TRUNCATION_DIRECTIONS:
+        raise BadRequestError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, not {value!r}")
+    return value
+
+
+def _check_pooling(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, list, tuple)):
+        raise BadRequestError(f"pooling must be a mode or a list of modes, not {type(value).__name__}")
+    try:
+        return check_pooling_modes(value)
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
+
+
 def _truncate_dimensions(vectors: np.ndarray, dimensions: int | None, renormalize: bool) -> np.ndarray:
     if dimensions is None:
         return vectors
@@ -287,6 +305,7 @@ class Ingress:
         self._folder = (RequestFolder(settings.models, settings.limits)
                         if settings.ingress.inline_tokenize_max_chars else None)
         self._encoders = encoders
+        self._configs = {model.name: model for model in settings.models}
         self._default_model = settings.models[0].name
         self._infos: dict[str, dict] = {}
         self._metrics = IngressMetrics()
@@ -346,13 +365,25 @@ class Ingress:
         self._metrics.latency.observe(1000 * (time.monotonic() - started), tags=tags)
         return result
 
-    def _texts_or_words(self, model: str, texts: Any, words: Any, truncate: bool,
-                        return_wordpieces: bool) -> FoldRequest:
+    def _texts_or_words(self, model: str, texts: Any, words: Any, truncate: bool, truncation_direction: Any,
+                        prompt_name: Any, prompt: Any, return_wordpieces: bool) -> FoldRequest:
         if (texts is None) == (words is None):
             raise BadRequestError("give exactly one of texts or words")
         return FoldRequest(model=model, texts=None if texts is None else _check_texts(texts, self._limits),
                            words=None if words is None else _check_words(words, self._limits),
-                           truncate=truncate, return_wordpieces=return_wordpieces)
+                           truncate=truncate, truncation_direction=_check_direction(truncation_direction),
+                           prompt=self._prompt(model, prompt_name, prompt), return_wordpieces=return_wordpieces)
+
+    def _prompt(self, model: str, prompt_name: Any, prompt: Any) -> str | None:
+        """The prompt text a request asks for (the model's default prompt when it names none)."""
+        if prompt_name is not None and not isinstance(prompt_name, str):
+            raise BadRequestError(f"prompt_name must be a string, not {type(prompt_name).__name__}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise BadRequestError(f"prompt must be a string, not {type(prompt).__name__}")
+        try:
+            return self._configs[model].prompt(prompt_name, prompt)
+        except ValueError as error:
+            raise BadRequestError(f"model {model!r}: {error}") from None
 
     async def _model_info(self, name: str) -> dict:
         if name not in self._infos:
@@ -361,19 +392,20 @@ class Ingress:
 
     # --- handle API (cluster.EmbeddingClient) --------------------------------
 
-    async def embed_texts(self, texts: Any = None, model: str | None = None, pooling: str | None = None,
+    async def embed_texts(self, texts: Any = None, model: str | None = None, pooling: Any = None,
                           normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
-                          pairs: Any = None, route: str = "handle") -> tuple[np.ndarray, np.ndarray]:
+                          pairs: Any = None, prompt_name: str | None = None, prompt: str | None = None,
+                          truncation_direction: str | None = None,
+                          route: str = "handle") -> tuple[np.ndarray, np.ndarray]:
         """Pooled vectors ``[n, dim]`` (one per text, or per pair) and each input's wordpiece count."""
         name = self._model(model)
         if (texts is None) == (pairs is None):
             raise BadRequestError("give exactly one of texts or pairs")
-        if pooling is not None and pooling not in POOLING_MODES:
-            raise BadRequestError(f"pooling must be one of {POOLING_MODES}, not {pooling!r}")
-        fold = FoldRequest(model=name, truncate=truncate,
+        fold = FoldRequest(model=name, truncate=truncate, truncation_direction=_check_direction(truncation_direction),
+                           prompt=self._prompt(name, prompt_name, prompt),
                            texts=None if texts is None else _check_texts(texts, self._limits),
                            pairs=None if pairs is None else _check_pairs(pairs, self._limits))
-        options = EncodeOptions(level="pooled", pooling=pooling, normalize=normalize)
+        options = EncodeOptions(level="pooled", pooling=_check_pooling(pooling), normalize=normalize)
         result = await self._encode(fold, options, route)
         if dimensions is not None:
             info = await self._model_info(name)
@@ -382,8 +414,10 @@ class Ingress:
         return result.vectors, result.num_wordpieces
 
     async def embed_token_vectors(self, texts: Any = None, words: Any = None, model: str | None = None,
-                                  level: str = "wordpiece", sub_token_mode: str = "avg",
-                                  truncate: bool = False, route: str = "handle") -> tuple[list[np.ndarray], list[list[str]]]:
+                                  level: str = "wordpiece", sub_token_mode: str = "avg", truncate: bool = False,
+                                  prompt_name: str | None = None, prompt: str | None = None,
+                                  truncation_direction: str | None = None,
+                                  route: str = "handle") -> tuple[list[np.ndarray], list[list[str]]]:
         """Per input: ``[tokens, dim]`` vectors and the tokens (wordpieces, or the words)."""
         name = self._model(model)
         if level not in ("wordpiece", "word"):
@@ -392,16 +426,19 @@ class Ingress:
             raise BadRequestError(f"sub_token_mode must be avg, first or last, not {sub_token_mode!r}")
         if level == "word" and words is None:
             raise BadRequestError("level 'word' needs pre-split words")
-        fold = self._texts_or_words(name, texts, words, truncate, return_wordpieces=level == "wordpiece")
+        fold = self._texts_or_words(name, texts, words, truncate, truncation_direction, prompt_name, prompt,
+                                    return_wordpieces=level == "wordpiece")
         result = await self._encode(fold, EncodeOptions(level=level, sub_token_mode=sub_token_mode), route)
         tokens = result.wordpieces if level == "wordpiece" else fold.words
         return result.vectors, tokens
 
     async def tokenize_inputs(self, texts: Any = None, words: Any = None, model: str | None = None,
-                              truncate: bool = False) -> list[dict]:
+                              truncate: bool = False, prompt_name: str | None = None, prompt: str | None = None,
+                              truncation_direction: str | None = None) -> list[dict]:
         """The wordpieces, ids and segments of each input, as the encoder would see them."""
         name = self._model(model)
-        fold = self._texts_or_words(name, texts, words, truncate, return_wordpieces=True)
+        fold = self._texts_or_words(name, texts, words, truncate, truncation_direction, prompt_name, prompt,
+                                    return_wordpieces=True)
         if self._tokenizes_here(fold):
             batch = self._folder.fold(fold)
         else:
@@ -410,7 +447,8 @@ class Ingress:
         entries = []
         for index in range(batch.num_inputs):
             entry = {"tokens": batch.wordpieces[index], "ids": ids[index].tolist(),
-                     "num_segments": int(batch.segments_per_input[index]), "word_offsets": None}
+                     "num_segments": int(batch.segments_per_input[index]), "word_offsets": None,
+                     "prompt_length": None if batch.prompt_lengths is None else int(batch.prompt_lengths[index])}
             if batch.has_words:
                 entry["word_offsets"] = [tuple(o) for o in batch.input_offsets(index).tolist()]
             entries.append(entry)
@@ -454,7 +492,7 @@ class Ingress:
             raise BadRequestError("token-id arrays are not supported as input; send text")
         name = self._model(body.model)
         vectors, counts = await self.embed_texts(body.input, model=name, dimensions=body.dimensions,
-                                                 route="openai")
+                                                 prompt_name=body.prompt_name, prompt=body.prompt, route="openai")
         if body.encoding_format == "base64":
             encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
         else:
@@ -472,7 +510,9 @@ class Ingress:
         """One pooled vector per input text."""
         vectors, _ = await self.embed_texts(body.inputs, pairs=body.pairs, model=body.model, pooling=body.pooling,
                                             normalize=body.normalize, truncate=body.truncate,
-                                            dimensions=body.dimensions, route="embed")
+                                            truncation_direction=body.truncation_direction,
+                                            dimensions=body.dimensions, prompt_name=body.prompt_name,
+                                            prompt=body.prompt, route="embed")
         return JSONBytesResponse(vectors)
 
     @app.post("/embed_tokens", response_model=EmbedTokensResponse, tags=["native"])
@@ -480,18 +520,20 @@ class Ingress:
         """One vector per wordpiece (or per word, from pre-split words), with the tokens."""
         vectors, tokens = await self.embed_token_vectors(
             texts=body.inputs, words=body.words, model=body.model, level=body.level,
-            sub_token_mode=body.sub_token_mode, truncate=body.truncate, route="embed_tokens")
+            sub_token_mode=body.sub_token_mode, truncate=body.truncate, prompt_name=body.prompt_name,
+            prompt=body.prompt, truncation_direction=body.truncation_direction, route="embed_tokens")
         return JSONBytesResponse([{"tokens": t, "embeddings": v} for t, v in zip(tokens, vectors)])
 
     @app.post("/tokenize", response_model=TokenizeResponse, tags=["native"])
     async def tokenize(self, body: TokenizeRequest) -> Response:
         """The wordpieces the encoder sees for each input, and how many segments it folds into."""
-        return JSONBytesResponse(await self.tokenize_inputs(texts=body.inputs, words=body.words,
-                                                            model=body.model, truncate=body.truncate))
+        return JSONBytesResponse(await self.tokenize_inputs(
+            texts=body.inputs, words=body.words, model=body.model, truncate=body.truncate,
+            prompt_name=body.prompt_name, prompt=body.prompt, truncation_direction=body.truncation_direction))
 
     @app.get("/models", response_model=ModelsResponse, tags=["native"])
     async def models(self) -> Response:
-        """Served models: dimension, dtype, device, max_length, layers, pooling, replicas."""
+        """Served models: dimension, dtype, device, max_length, pooling, normalization, prompts, replicas."""
         cards = [ModelCard(**card).model_dump() for card in await self.list_models()]
         return JSONBytesResponse({"object": "list", "data": cards})
 

@@ -1,4 +1,4 @@
-"""Building a served model's indexer and embedder from its ``ModelConfig`` (serving and bulk alike)."""
+"""Building a served model's indexer and encoder from its ``ModelConfig`` (serving and bulk alike)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from deployments.weight_store import load_shared
 from embedder.cache import cached_model, put_model
 from embedder.devices import choose_dtype, resolve_device
 from embedder.indexer import PretrainedTransformerIndexer
-from embedder.transformer_embedder import PretrainedTransformerEmbedder, transformer_spec
+from embedder.sentence_encoder import SentenceEncoder
 
 
 def load_indexer(model: ModelConfig) -> PretrainedTransformerIndexer:
     """The model's tokenizer and folding rule (tokenizers come from the process-wide cache)."""
-    return PretrainedTransformerIndexer(model.model_name, max_length=model.max_length,
-                                        tokenizer_kwargs=model.tokenizer_kwargs or None)
+    return model.sentence_settings().indexer()
 
 
-def load_embedder(model: ModelConfig, threads: int | None = None) -> tuple[PretrainedTransformerEmbedder, str]:
-    """The frozen embedder on its device (CUDA when this process sees a GPU) in its dtype,
-    and where its weights came from (``"store"``, ``"disk"``, ``"disk, no store"``).
+def load_encoder(model: ModelConfig, threads: int | None = None) -> tuple[SentenceEncoder, str]:
+    """The frozen sentence encoder (transformer and pooling head) on its device (CUDA when this
+    process sees a GPU) in its dtype, and where its weights came from (``"store"``, ``"disk"``,
+    ``"disk, no store"``).
 
     With ``share_weights`` and Ray running, the weights come through the cluster's
     weight store. On CPU, torch uses ``threads`` threads (default: the model's
@@ -32,13 +32,26 @@ def load_embedder(model: ModelConfig, threads: int | None = None) -> tuple[Pretr
     if device.type == "cpu":
         torch.set_num_threads(threads or model.torch_threads or max(1, int(round(model.num_cpus))))
     dtype = choose_dtype(model.dtype, device)
-    transformer_kwargs = {**model.transformer_kwargs, "dtype": dtype}
     source = "disk"
     if model.share_weights and ray.is_initialized():
-        spec = transformer_spec(model.model_name, transformer_kwargs, model.override_weights_file,
-                                model.override_weights_strip_prefix)
+        spec = model.sentence_settings().transformer_spec(dtype, model.override_weights_file,
+                                                          model.override_weights_strip_prefix)
         shared, source = load_shared(spec, lambda: cached_model(spec))
         put_model(spec, shared)
-    embedder = PretrainedTransformerEmbedder(
-        model.model_name, transformer_kwargs=transformer_kwargs, **model.embedder_kwargs()).to(device)
-    return embedder, source
+    encoder = SentenceEncoder(
+        model.model_name,
+        max_length=model.max_length,
+        pooling=model.pooling,
+        normalize=model.normalize,
+        prompts=model.prompts,
+        default_prompt_name=model.default_prompt_name,
+        dtype=dtype,
+        device=str(device),
+        last_layer_only=model.last_layer_only,
+        sub_module=model.sub_module,
+        override_weights_file=model.override_weights_file,
+        override_weights_strip_prefix=model.override_weights_strip_prefix,
+        tokenizer_kwargs=model.tokenizer_kwargs,
+        transformer_kwargs=model.transformer_kwargs,
+    )
+    return encoder, source

@@ -6,20 +6,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedder.indexer import TruncationDirection
 from embedder.inference import Level
-from embedder.sentence_pooling import PoolingMode
 from embedder.word_pooling import SubTokenMode
 
 
 @dataclass(frozen=True)
 class FoldRequest:
-    """What the tokenizer folds: exactly one of texts, pairs or words, for a served model."""
+    """What the tokenizer folds: exactly one of texts, pairs or words, for a served model, with the
+    prompt text already chosen (``None``: no prompt)."""
 
     model: str
     texts: list[str] | None = None
     pairs: list[tuple[str, str]] | None = None
     words: list[list[str]] | None = None
     truncate: bool = False
+    truncation_direction: TruncationDirection | None = None
+    prompt: str | None = None
     return_wordpieces: bool = False
 
     @property
@@ -37,7 +40,7 @@ class EncodeOptions:
     """How the encoder turns a folded batch into vectors; ``None`` means the model's default."""
 
     level: Level = "pooled"
-    pooling: PoolingMode | None = None
+    pooling: tuple[str, ...] | None = None
     normalize: bool | None = None
     sub_token_mode: SubTokenMode = "avg"
 

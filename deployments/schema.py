@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-Pooling = Literal["mean", "cls", "max"]
+Pooling = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
 SubTokenModeField = Literal["avg", "first", "last"]
+TruncationDirectionField = Literal["right", "left"]
+
+
+
+def prompt_name_field() -> Any:
+    return Field(None, description="A key of the model's prompts (GET /models lists them); the model's default "
+                                   "prompt when omitted, as in sentence-transformers.")
+
+
+def prompt_field() -> Any:
+    return Field(None, description="A literal prompt put before each text instead of a named one.")
+
+
+def truncation_direction_field() -> Any:
+    return Field(None, description="With truncate: keep the first wordpieces (right, cutting the end) or the last "
+                                   "ones (left); the tokenizer's side when omitted.")
 
 
 class _Request(BaseModel):
@@ -27,6 +43,8 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions (re-normalized).")
     user: str | None = None
+    prompt_name: str | None = prompt_name_field()
+    prompt: str | None = prompt_field()
 
 
 class OpenAIEmbedding(BaseModel):
@@ -53,7 +71,10 @@ class _TextsOrWords(_Request):
     inputs: str | list[str] | None = Field(None, description="A text or a list of texts.")
     words: list[list[str]] | None = Field(None, description="Pre-split words, a list per input.")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
-    truncate: bool = Field(False, description="Keep only the first segment of long inputs instead of folding.")
+    truncate: bool = Field(False, description="Keep only max_length wordpieces of long inputs instead of folding.")
+    truncation_direction: TruncationDirectionField | None = truncation_direction_field()
+    prompt_name: str | None = prompt_name_field()
+    prompt: str | None = prompt_field()
 
     @model_validator(mode="after")
     def _one_kind_of_input(self):
@@ -70,10 +91,14 @@ class EmbedRequest(_Request):
         None, description="Sentence pairs instead of texts, encoded with the tokenizer's pair template "
                           "(type ids 0 and 1).")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
-    pooling: Pooling | None = Field(None, description="mean, cls or max; the model's default when omitted.")
+    pooling: Pooling | list[Pooling] | None = Field(
+        None, description="A pooling mode (or several, concatenated); the model's own when omitted.")
     normalize: bool | None = Field(None, description="L2-normalize; the model's default when omitted.")
-    truncate: bool = Field(False, description="Keep only the first segment of long inputs instead of folding.")
+    truncate: bool = Field(False, description="Keep only max_length wordpieces of long inputs instead of folding.")
+    truncation_direction: TruncationDirectionField | None = truncation_direction_field()
     dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions.")
+    prompt_name: str | None = prompt_name_field()
+    prompt: str | None = prompt_field()
 
     @model_validator(mode="after")
     def _texts_or_pairs(self):
@@ -118,6 +143,8 @@ class Tokenized(BaseModel):
     num_segments: int
     word_offsets: list[tuple[int, int]] | None = Field(
         None, description="Inclusive wordpiece span per word; (-1, -1) for a word with none.")
+    prompt_length: int | None = Field(None, description="Leading tokens that belong to the prompt (start tokens "
+                                                        "included), when a prompt applies.")
 
 
 class TokenizeResponse(RootModel[list[Tokenized]]):
@@ -129,14 +156,19 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     owned_by: str = "embedding-cluster"
     model_name: str
-    dim: int
+    dim: int = Field(..., description="The sentence vector's dimension (after any Dense module).")
+    wordpiece_dim: int = Field(..., description="The dimension of /embed_tokens vectors.")
     dtype: str
     device: str
-    max_length: int | None
+    max_length: int = Field(..., description="Wordpieces per segment: longer inputs are folded (or truncated).")
     layers: int
     last_layer_only: bool
-    pooling: Pooling
+    pooling: list[Pooling]
+    include_prompt: bool = Field(..., description="Whether prompt tokens count in the pooling.")
     normalize: bool
+    head: list[str] = Field(..., description="The modules after pooling, in order (Dense, LayerNorm, Normalize).")
+    prompts: dict[str, str]
+    default_prompt_name: str | None
     replicas: dict[str, int] = Field(default_factory=dict,
                                      description="Replica counts by state and the autoscaler's target, "
                                                  "e.g. {\"running\": 1, \"starting\": 1, \"target\": 2}.")

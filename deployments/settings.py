@@ -7,13 +7,14 @@ the package chain runs one way (cluster -> deployments -> embedder);
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve.config import AutoscalingConfig
 
-from embedder.sentence_pooling import POOLING_MODES, PoolingDefaults, read_pooling_defaults
+from embedder.sentence_encoder import SentenceSettings, resolve_sentence_settings
+from embedder.sentence_folder import resolve_prompt
+from embedder.sentence_pooling import PoolingMode
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -64,17 +65,25 @@ class ModelConfig(ReplicaSettings):
     name: str = Field(DEFAULT_MODEL_NAME, min_length=1, description='What requests put in "model".')
     model_name: str = Field(default_factory=bundled_model_path,
                             description="A local folder or hub id, as PretrainedTransformerEmbedder's.")
-    max_length: int | None = Field(512, ge=2, description="Segment length for folding long inputs.")
+    max_length: int | None = Field(
+        None, ge=2, description="Segment length for folding long inputs (and for truncate). None: the model's own "
+                                "(the folder's max_seq_length, else the tokenizer's model_max_length, else its "
+                                "positions); more than its position embeddings allow is refused.")
     sub_module: str | None = None
     last_layer_only: bool = True
     override_weights_file: str | None = None
     override_weights_strip_prefix: str | None = None
     tokenizer_kwargs: dict[str, Any] = Field(default_factory=dict)
     transformer_kwargs: dict[str, Any] = Field(default_factory=dict)
-    pooling: Literal["mean", "cls", "max"] | None = Field(
-        None, description="Default sentence pooling; None reads the model folder's sentence-transformers "
-                          "config, else mean.")
-    normalize: bool | None = Field(None, description="Default L2 normalization; None as for pooling.")
+    pooling: PoolingMode | list[PoolingMode] | None = Field(
+        None, description="Default sentence pooling (several modes are concatenated); None: the folder's "
+                          "sentence-transformers Pooling module, else mean.")
+    normalize: bool | None = Field(None, description="Default L2 normalization; None: whether the folder has a "
+                                                     "Normalize module.")
+    prompts: dict[str, str] | None = Field(None, description="Prompts added to (or replacing) the folder's "
+                                                             "config_sentence_transformers.json prompts.")
+    default_prompt_name: str | None = Field(None, description="The prompt used when a request names none; "
+                                                              "None: the folder's, '': none.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     share_weights: bool = Field(True, description="Take the weights from the cluster's weight store "
@@ -87,25 +96,34 @@ class ModelConfig(ReplicaSettings):
                                                               "waits for others to batch with (under load, "
                                                               "batches form from what queued meanwhile).")
 
-    def pooling_defaults(self) -> PoolingDefaults:
-        """The pooling this model uses when a request does not say."""
-        folder = Path(self.model_name)
-        found = read_pooling_defaults(folder) if folder.is_dir() else None
-        found = found or PoolingDefaults()
-        return PoolingDefaults(mode=self.pooling or found.mode,
-                               normalize=found.normalize if self.normalize is None else self.normalize)
+    def sentence_settings(self) -> SentenceSettings:
+        """The model folder read and merged with this config's overrides (``ValueError`` naming the
+        model for what cannot be served)."""
+        try:
+            return resolve_sentence_settings(
+                self.model_name, max_length=self.max_length, pooling=self.pooling, normalize=self.normalize,
+                prompts=self.prompts, default_prompt_name=self.default_prompt_name,
+                tokenizer_kwargs=self.tokenizer_kwargs, transformer_kwargs=self.transformer_kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model {self.name!r} cannot be served: {error}") from None
 
-    def embedder_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``PretrainedTransformerEmbedder`` for this model (frozen, for inference)."""
-        return {
-            "max_length": self.max_length,
-            "sub_module": self.sub_module,
-            "train_parameters": False,
-            "last_layer_only": self.last_layer_only,
-            "override_weights_file": self.override_weights_file,
-            "override_weights_strip_prefix": self.override_weights_strip_prefix,
-            "tokenizer_kwargs": self.tokenizer_kwargs or None,
-        }
+    def resolved(self) -> "ModelConfig":
+        """This config with every setting its folder decides made explicit (length, pooling,
+        normalization, prompts), so that every replica and ``GET /models`` agree on them."""
+        settings = self.sentence_settings()
+        pooling = settings.pooling_modes
+        return self.model_copy(update={
+            "max_length": settings.max_length,
+            "pooling": pooling[0] if len(pooling) == 1 else list(pooling),
+            "normalize": settings.normalize,
+            "prompts": settings.prompts,
+            "default_prompt_name": settings.default_prompt_name or "",
+        })
+
+    def prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
+        """The prompt text a request asks for, from a resolved config (``ValueError`` for an
+        unknown name or for both fields)."""
+        return resolve_prompt(self.prompts or {}, self.default_prompt_name or None, prompt_name, prompt)
 
 
 class TokenizerSettings(ReplicaSettings):

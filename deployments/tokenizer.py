@@ -33,7 +33,8 @@ class RequestFolder:
             raise UnknownModelError(f"no model named {request.model!r}; served: {sorted(self._indexers)}")
         try:
             batch = indexer.fold(request.texts, pairs=request.pairs, words=request.words,
-                                 truncate=request.truncate, return_wordpieces=request.return_wordpieces)
+                                 truncate=request.truncate, truncation_direction=request.truncation_direction,
+                                 prompt=request.prompt, return_wordpieces=request.return_wordpieces)
         except (TypeError, ValueError) as error:
             raise BadRequestError(str(error)) from None
         total = int(batch.num_wordpieces.sum())

@@ -10,7 +10,10 @@ from embedder.indexer import PretrainedTransformerIndexer
 from embedder.inference import EncodeStats, encode_folded
 from embedder.mismatched_embedder import PretrainedTransformerMismatchedEmbedder
 from embedder.scalar_mix import ScalarMix
-from embedder.sentence_pooling import PoolingDefaults, pool_ragged, pool_sentences, read_pooling_defaults
+from embedder.sentence_encoder import SentenceEncoder, SentenceSettings, resolve_sentence_settings
+from embedder.sentence_folder import SentenceFolder, UnsupportedModelError, read_sentence_folder
+from embedder.sentence_head import SentenceHead
+from embedder.sentence_pooling import POOLING_MODES, pool_ragged, pool_sentences
 from embedder.transformer_embedder import PretrainedTransformerEmbedder
 from embedder.word_pooling import pool_spans
 
@@ -19,13 +22,18 @@ __all__ = [
     "EncodeStats",
     "FoldedBatch",
     "ModelSpec",
-    "PoolingDefaults",
+    "POOLING_MODES",
     "PretrainedBertEmbedder",
     "PretrainedBertModel",
     "PretrainedTransformerEmbedder",
     "PretrainedTransformerIndexer",
     "PretrainedTransformerMismatchedEmbedder",
     "ScalarMix",
+    "SentenceEncoder",
+    "SentenceFolder",
+    "SentenceHead",
+    "SentenceSettings",
+    "UnsupportedModelError",
     "cache_info",
     "clear_cache",
     "encode_folded",
@@ -34,5 +42,6 @@ __all__ = [
     "pool_ragged",
     "pool_sentences",
     "pool_spans",
-    "read_pooling_defaults",
+    "read_sentence_folder",
+    "resolve_sentence_settings",
 ]

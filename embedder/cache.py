@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -61,6 +62,7 @@ class ModelSpec:
     override_weights_file: str | None = None
     override_weights_strip_prefix: str | None = None
     dtype: str | None = None
+    model_class: str | None = None
     load_kwargs: tuple = field(default=())
 
     @classmethod
@@ -71,6 +73,7 @@ class ModelSpec:
         override_weights_file: str | Path | None = None,
         override_weights_strip_prefix: str | None = None,
         dtype: str | torch.dtype | None = None,
+        model_class: str | None = None,
         **load_kwargs: Any,
     ) -> "ModelSpec":
         torch_dtype = resolve_dtype(dtype)
@@ -79,6 +82,7 @@ class ModelSpec:
             override_weights_file=None if override_weights_file is None else str(override_weights_file),
             override_weights_strip_prefix=override_weights_strip_prefix,
             dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
+            model_class=model_class,
             load_kwargs=_freeze(load_kwargs),
         )
 
@@ -103,13 +107,29 @@ _tokenizers: dict[tuple, PreTrainedTokenizerBase] = {}
 _info = CacheInfo()
 
 
+def _model_class(spec: ModelSpec) -> type:
+    """``AutoModel``, or the ``transformers`` class the spec names (e.g. ``T5EncoderModel``)."""
+    if spec.model_class is None:
+        return AutoModel
+    model_class = getattr(transformers, spec.model_class, None)
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        raise ValueError(f"{spec.model_class!r} is not a transformers model class")
+    return model_class
+
+
+def model_from_config(spec: ModelSpec, config: transformers.PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
+    """A freshly initialized model of the spec's class built from ``config``."""
+    if spec.model_class is None:
+        return AutoModel.from_config(config, **kwargs)
+    return _model_class(spec)._from_config(config, **kwargs)
+
+
 def _load_model(spec: ModelSpec) -> PreTrainedModel:
     kwargs = dict(spec.load_kwargs)
     if spec.override_weights_file is None:
-        model = AutoModel.from_pretrained(spec.model_name, dtype=spec.torch_dtype, **kwargs)
+        model = _model_class(spec).from_pretrained(spec.model_name, dtype=spec.torch_dtype, **kwargs)
     else:
-        config = AutoConfig.from_pretrained(spec.model_name, **kwargs)
-        model = AutoModel.from_config(config)
+        model = model_from_config(spec, AutoConfig.from_pretrained(spec.model_name, **kwargs))
         state_dict = load_weights_file(spec.override_weights_file, spec.override_weights_strip_prefix)
         _load_override_state_dict(model, state_dict, spec.override_weights_file)
         if spec.torch_dtype is not None:
@@ -144,9 +164,11 @@ def get_model(
     override_weights_file: str | Path | None = None,
     override_weights_strip_prefix: str | None = None,
     dtype: str | torch.dtype | None = None,
+    model_class: str | None = None,
     **load_kwargs: Any,
 ) -> PreTrainedModel:
-    """Return the transformer for this spec, loading it once per process.
+    """Return the transformer for this spec, loading it once per process (with ``AutoModel``,
+    or the ``transformers`` class ``model_class`` names).
 
     ``make_copy=True`` returns a deep copy (for training) and leaves the shared
     instance untouched.
@@ -156,6 +178,7 @@ def get_model(
         override_weights_file=override_weights_file,
         override_weights_strip_prefix=override_weights_strip_prefix,
         dtype=dtype,
+        model_class=model_class,
         **load_kwargs,
     )
     return cached_model(spec, make_copy=make_copy)

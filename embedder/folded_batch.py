@@ -26,6 +26,8 @@ class FoldedBatch:
     word_offsets / words_per_input: inclusive wordpiece span of each word in
         its input's unfolded sequence, ``(-1, -1)`` for a word with no wordpieces.
     wordpieces: each input's unfolded wordpiece strings, when asked for.
+    prompt_lengths: per input, how many leading wordpieces of its unfolded sequence the prompt
+        takes (start tokens included, as sentence-transformers counts them); ``None`` without prompts.
     """
 
     token_ids: np.ndarray
@@ -38,6 +40,7 @@ class FoldedBatch:
     word_offsets: np.ndarray | None = None
     words_per_input: np.ndarray | None = None
     wordpieces: list[list[str]] | None = None
+    prompt_lengths: np.ndarray | None = None
 
     @property
     def num_inputs(self) -> int:
@@ -89,6 +92,7 @@ class FoldedBatch:
         with_types = any(b.type_ids is not None for b in batches)
         with_words = all(b.has_words for b in batches)
         with_pieces = all(b.wordpieces is not None for b in batches)
+        with_prompts = any(b.prompt_lengths is not None for b in batches)
         return cls(
             token_ids=np.concatenate([b.token_ids for b in batches]),
             segment_lengths=np.concatenate([b.segment_lengths for b in batches]),
@@ -103,4 +107,8 @@ class FoldedBatch:
             word_offsets=np.concatenate([b.word_offsets for b in batches]) if with_words else None,
             words_per_input=np.concatenate([b.words_per_input for b in batches]) if with_words else None,
             wordpieces=[p for b in batches for p in b.wordpieces] if with_pieces else None,
+            prompt_lengths=np.concatenate([
+                b.prompt_lengths if b.prompt_lengths is not None else np.zeros(b.num_inputs, dtype=np.int32)
+                for b in batches
+            ]) if with_prompts else None,
         )

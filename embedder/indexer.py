@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from embedder.cache import get_tokenizer
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import fold_pieces
 from embedder.special_tokens import SpecialTokens
+
+TruncationDirection = Literal["right", "left"]
+TRUNCATION_DIRECTIONS: tuple[str, ...] = ("right", "left")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class PretrainedTransformerIndexer:
             raise ValueError(f"max_length {max_length} leaves no room beside "
                              f"{self.special.num_added} special tokens")
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._prompt_lengths: dict[str, int] = {}
 
     def __call__(
         self,
@@ -75,31 +79,59 @@ class PretrainedTransformerIndexer:
         pairs: Sequence[tuple[str, str]] | None = None,
         words: Sequence[Sequence[str]] | None = None,
         truncate: bool = False,
+        truncation_direction: TruncationDirection | None = None,
+        prompt: str | None = None,
         return_wordpieces: bool = False,
     ) -> FoldedBatch:
         """Tokenize exactly one of ``texts``, ``pairs`` or ``words`` into a ``FoldedBatch``.
 
-        Long inputs are folded; with ``truncate`` only their first segment is kept.
+        Long inputs are folded; with ``truncate`` only ``max_length`` wordpieces are kept: the
+        first ones, or with ``truncation_direction="left"`` the last ones (default: the
+        tokenizer's ``truncation_side``). A ``prompt`` is put before each text (before the
+        first text of a pair, as wordpieces before pre-split words) and tokenized with it,
+        as sentence-transformers does; the batch records how many wordpieces it takes.
         """
         if sum(x is not None for x in (texts, pairs, words)) != 1:
             raise ValueError("give exactly one of texts, pairs or words")
+        direction = truncation_direction or self.tokenizer.truncation_side
+        if direction not in TRUNCATION_DIRECTIONS:
+            raise ValueError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, not {direction!r}")
+        prompt = prompt or None
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
         if texts is not None:
-            sequences = self._from_texts(_check_strings(texts, "texts"))
+            texts = _check_strings(texts, "texts")
+            sequences = self._from_texts(texts if prompt is None else [prompt + text for text in texts])
         elif pairs is not None:
-            sequences = self._from_pairs(pairs)
+            sequences = self._from_pairs(pairs, prompt)
         else:
-            sequences = self._from_words(words)
-        return self._assemble(sequences, truncate=truncate, return_wordpieces=return_wordpieces)
+            sequences = self._from_words(words, prompt)
+        batch = self._assemble(sequences, truncate=truncate, keep_last=direction == "left",
+                               return_wordpieces=return_wordpieces)
+        if prompt is not None:
+            batch.prompt_lengths = np.full(batch.num_inputs, self.prompt_length(prompt), dtype=np.int32)
+        return batch
+
+    def prompt_length(self, prompt: str) -> int:
+        """Leading wordpieces a prompt takes in a sequence, counted as sentence-transformers counts
+        them: the prompt tokenized alone with its specials, less a trailing special token."""
+        if prompt not in self._prompt_lengths:
+            ids = self.tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"]
+            special = set(self.tokenizer.all_special_ids)
+            self._prompt_lengths[prompt] = len(ids) - int(bool(ids) and ids[-1] in special)
+        return self._prompt_lengths[prompt]
 
     def _from_texts(self, texts: list[str]) -> list[_Sequence]:
         encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False,
                                  return_token_type_ids=False)["input_ids"]
         return [_Sequence(pieces=ids) for ids in encoded]
 
-    def _from_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[_Sequence]:
+    def _from_pairs(self, pairs: Sequence[tuple[str, str]], prompt: str | None) -> list[_Sequence]:
         if isinstance(pairs, (str, bytes)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
             raise TypeError("pairs must be a list of (text, text) pairs")
         firsts = _check_strings([p[0] for p in pairs], "pairs")
+        if prompt is not None:
+            firsts = [prompt + first for first in firsts]
         seconds = _check_strings([p[1] for p in pairs], "pairs")
         encoded = self.tokenizer(firsts, seconds, add_special_tokens=True, return_attention_mask=False, verbose=False,
                                  return_token_type_ids=True)
@@ -111,7 +143,7 @@ class PretrainedTransformerIndexer:
             for ids, types in zip(encoded["input_ids"], type_lists)
         ]
 
-    def _from_words(self, words: Sequence[Sequence[str]]) -> list[_Sequence]:
+    def _from_words(self, words: Sequence[Sequence[str]], prompt: str | None) -> list[_Sequence]:
         if isinstance(words, (str, bytes)) or not all(
             isinstance(ws, (list, tuple)) and not isinstance(ws, str) for ws in words
         ):
@@ -119,9 +151,11 @@ class PretrainedTransformerIndexer:
         flat = _check_strings([w for ws in words for w in ws], "words")
         encoded = self.tokenizer(flat, add_special_tokens=False, return_attention_mask=False, verbose=False,
                                  return_token_type_ids=False)["input_ids"] if flat else []
+        prompt_pieces = [] if prompt is None else self.tokenizer(
+            prompt, add_special_tokens=False, verbose=False)["input_ids"]
         sequences, position = [], 0
         for ws in words:
-            pieces, offsets = [], []
+            pieces, offsets = list(prompt_pieces), []
             for word_ids in encoded[position:position + len(ws)]:
                 if word_ids:
                     offsets.append((len(pieces), len(pieces) + len(word_ids) - 1))
@@ -132,14 +166,19 @@ class PretrainedTransformerIndexer:
             sequences.append(_Sequence(pieces=pieces, word_offsets=offsets))
         return sequences
 
-    def _assemble(self, sequences: list[_Sequence], *, truncate: bool, return_wordpieces: bool) -> FoldedBatch:
+    def _assemble(self, sequences: list[_Sequence], *, truncate: bool, keep_last: bool,
+                  return_wordpieces: bool) -> FoldedBatch:
         special = self.special
         chunk = None if self.max_length is None else self.max_length - special.num_added
         segment_ids: list[list[int]] = []
         segment_types: list[list[int]] = []
         segments_per_input, num_wordpieces, offsets, unfolded = [], [], [], []
         for index, seq in enumerate(sequences):
-            kept = seq.pieces if (chunk is None or not truncate) else seq.pieces[:chunk]
+            first_kept, kept = 0, seq.pieces
+            if chunk is not None and truncate and len(seq.pieces) > chunk:
+                first_kept = len(seq.pieces) - chunk if keep_last else 0
+                kept = seq.pieces[first_kept:first_kept + chunk]
+            kept_types = None if not seq.piece_type_ids else seq.piece_type_ids[first_kept:first_kept + len(kept)]
             full_fits = seq.full_ids is not None and (self.max_length is None or len(seq.full_ids) <= self.max_length)
             if full_fits:
                 segs, types = [seq.full_ids], [seq.full_type_ids]
@@ -147,11 +186,10 @@ class PretrainedTransformerIndexer:
             else:
                 if chunk is None or len(kept) <= chunk:
                     segs = [list(special.start_ids) + kept + list(special.end_ids)]
-                    piece_types = seq.piece_type_ids[:len(kept)] if seq.piece_type_ids else [0] * len(kept)
-                    types = [list(special.start_type_ids) + piece_types + list(special.end_type_ids)]
+                    types = [list(special.start_type_ids) + (kept_types or [0] * len(kept))
+                             + list(special.end_type_ids)]
                 else:
-                    piece_types = seq.piece_type_ids[:len(kept)] if seq.piece_type_ids else None
-                    segs, types = fold_pieces(kept, piece_types, special, self.max_length)
+                    segs, types = fold_pieces(kept, kept_types, special, self.max_length)
                 wordpiece_ids = list(special.start_ids) + kept + list(special.end_ids)
             if not wordpiece_ids:
                 raise ValueError(f"input {index} has no wordpieces")
@@ -160,7 +198,7 @@ class PretrainedTransformerIndexer:
             segments_per_input.append(len(segs))
             num_wordpieces.append(len(wordpiece_ids))
             if seq.word_offsets is not None:
-                offsets.extend(_shift_offsets(seq.word_offsets, special.num_start, len(kept)))
+                offsets.extend(_shift_offsets(seq.word_offsets, special.num_start, first_kept, len(kept)))
             if return_wordpieces:
                 unfolded.append(self.tokenizer.convert_ids_to_tokens(wordpiece_ids))
         flat_types = np.fromiter((t for ts in segment_types for t in ts), dtype=np.int32)
@@ -190,14 +228,17 @@ def _check_strings(values: Sequence[Any], name: str) -> list[str]:
     return values
 
 
-def _shift_offsets(offsets: list[tuple[int, int]], shift: int, num_kept: int) -> list[tuple[int, int]]:
-    """Move word spans into unfolded-sequence coordinates; words cut off by truncation get (-1, -1)."""
+def _shift_offsets(offsets: list[tuple[int, int]], shift: int, first_kept: int,
+                   num_kept: int) -> list[tuple[int, int]]:
+    """Move word spans into unfolded-sequence coordinates, where wordpieces ``first_kept`` to
+    ``first_kept + num_kept`` survived truncation; words cut off entirely get (-1, -1)."""
     shifted = []
+    last_kept = first_kept + num_kept - 1
     for start, end in offsets:
-        if start < 0 or start >= num_kept:
+        if start < 0 or start > last_kept or end < first_kept:
             shifted.append((-1, -1))
         else:
-            shifted.append((start + shift, min(end, num_kept - 1) + shift))
+            shifted.append((max(start, first_kept) - first_kept + shift, min(end, last_kept) - first_kept + shift))
     return shifted
 
 

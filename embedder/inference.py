@@ -19,7 +19,7 @@ import torch
 from embedder.batching import padded_tokens, plan_sub_batches
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
-from embedder.sentence_pooling import PoolingMode, pool_ragged
+from embedder.sentence_head import SentenceHead
 from embedder.transformer_embedder import PretrainedTransformerEmbedder, check_type_ids
 from embedder.word_pooling import SubTokenMode, pool_spans
 
@@ -98,15 +98,18 @@ def encode_folded(
     batches: FoldedBatch | Sequence[FoldedBatch],
     *,
     level: Level = "pooled",
-    pooling: PoolingMode = "mean",
-    normalize: bool = False,
+    head: SentenceHead | None = None,
+    pooling: str | Sequence[str] | None = None,
+    normalize: bool | None = None,
     sub_token_mode: SubTokenMode = "avg",
     max_batch_tokens: int = 16384,
     stats: EncodeStats | None = None,
 ) -> Encoded | list[Encoded]:
     """Encode one ``FoldedBatch`` (or several, batched together) into float32 arrays.
 
-    ``level="pooled"`` gives ``[num_inputs, dim]`` per batch; ``"wordpiece"`` one
+    ``level="pooled"`` gives ``[num_inputs, dim]`` per batch, pooled by ``head`` (default:
+    mean pooling) with the request's own ``pooling`` modes and ``normalize`` switch if given;
+    ``"wordpiece"`` one
     ``[num_wordpieces, dim]`` array per input; ``"word"`` one ``[num_words, dim]``
     array per input (the batch must come from words). ``stats`` (optional) is
     filled with the tokens computed and the padding efficiency.
@@ -125,8 +128,9 @@ def encode_folded(
         raise ValueError("level='word' needs a batch built from words")
     if merged.type_ids is not None:
         check_type_ids(torch.from_numpy(merged.type_ids), embedder.type_vocab_size)
+    head = head or SentenceHead(embedder.get_output_dim())
     if merged.num_inputs == 0:
-        results = [np.zeros((0, embedder.get_output_dim()), np.float32) if level == "pooled" else []
+        results = [np.zeros((0, head.get_output_dim()), np.float32) if level == "pooled" else []
                    for _ in batch_list]
         return results[0] if single else results
     if embedder.max_length is not None and int(merged.segment_lengths.max()) > embedder.max_length:
@@ -137,7 +141,9 @@ def encode_folded(
         unfolded = flat[torch.from_numpy(unfold_index(merged)).to(flat.device)]
         inputs_per_batch = np.array([b.num_inputs for b in batch_list])
         if level == "pooled":
-            pooled = pool_ragged(unfolded, torch.from_numpy(merged.num_wordpieces), pooling, normalize)
+            prompt_lengths = None if merged.prompt_lengths is None else torch.from_numpy(merged.prompt_lengths)
+            pooled = head.to(flat.device)(unfolded, torch.from_numpy(merged.num_wordpieces), prompt_lengths,
+                                          pooling=pooling, normalize=normalize)
             results = _split_rows(pooled, inputs_per_batch)
         else:
             sequences = torch.split(unfolded, merged.num_wordpieces.tolist())

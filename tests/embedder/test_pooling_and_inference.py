@@ -12,7 +12,7 @@ from embedder import (
     PretrainedTransformerIndexer,
     encode_folded,
     pool_sentences,
-    read_pooling_defaults,
+    read_sentence_folder,
 )
 
 SENTENCES = [
@@ -36,9 +36,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_pooling_defaults_from_sentence_transformers_folder(minilm_path, tiny_bert_path):
-    defaults = read_pooling_defaults(minilm_path)
-    assert defaults.mode == "mean" and defaults.normalize is True
-    assert read_pooling_defaults(tiny_bert_path) is None
+    folder = read_sentence_folder(minilm_path)
+    assert (folder.pooling_modes, folder.normalizes, folder.max_seq_length) == (("mean",), True, 256)
+    plain = read_sentence_folder(tiny_bert_path)
+    assert (plain.is_sentence_transformers, plain.pooling_modes, plain.normalizes) == (False, ("mean",), False)
 
 
 def test_minilm_matches_sentence_transformers(minilm_path):
