@@ -129,7 +129,7 @@ def _module_kind(model_name: str, entry: dict) -> str:
     return name
 
 
-def pooling_modes_of(config: dict, where: str) -> tuple[str, ...]:
+def _pooling_modes(config: dict, where: str) -> tuple[str, ...]:
     """The modes of a Pooling config, in the new ``pooling_mode`` key or the old flags."""
     if "pooling_mode" in config:
         try:
@@ -145,7 +145,7 @@ def _read_pooling(model_name: str, path: str) -> tuple[tuple[str, ...], bool]:
     config = _read_json(model_name, _join(path, "config.json"))
     if not isinstance(config, dict):
         raise UnsupportedModelError(f"{where}: the Pooling module has no config")
-    return pooling_modes_of(config, where), bool(config.get("include_prompt", True))
+    return _pooling_modes(config, where), bool(config.get("include_prompt", True))
 
 
 def _read_head_module(model_name: str, kind: str, path: str) -> HeadModule:
@@ -195,6 +195,8 @@ def read_sentence_folder(model_name: str | Path) -> SentenceFolder:
     """What ``SentenceTransformer(model_name)`` builds, as data; ``UnsupportedModelError`` for
     anything that cannot be reproduced. A folder without ``modules.json`` gives mean pooling."""
     model_name = str(model_name)
+    if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
+        raise UnsupportedModelError(f"{model_name}: no such folder")
     modules = _read_json(model_name, "modules.json")
     if modules is None:
         return SentenceFolder(model_name=model_name, transformer_path=model_name,

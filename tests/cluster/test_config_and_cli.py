@@ -25,8 +25,11 @@ def test_default_config_serves_the_bundled_minilm():
     (model,) = config.models
     assert model.name == "all-MiniLM-L6-v2"
     assert (Path(model.model_name) / "model.safetensors").is_file()
-    defaults = model.pooling_defaults()
-    assert (defaults.mode, defaults.normalize) == ("mean", True)
+    assert (model.max_length, model.pooling, model.normalize) == (None, None, None)  # the folder decides
+    resolved = model.resolved()
+    assert (resolved.max_length, resolved.pooling, resolved.normalize) == (256, "mean", True)
+    assert resolved.prompts == {"query": "", "document": ""} and resolved.default_prompt_name == ""
+    assert resolved.resolved() == resolved
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8000)
 
 
@@ -72,6 +75,26 @@ def test_cli_prints_default_config():
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "config"], capture_output=True, text=True,
                             check=True, cwd=REPO)
     assert ClusterConfig.from_yaml(result.stdout).models[0].name == "all-MiniLM-L6-v2"
+
+
+def test_cli_serve_refuses_a_model_it_cannot_serve(tmp_path, minilm_path, free_port):
+    from st_folders import unknown_module
+
+    folder = tmp_path / "custom"
+    unknown_module(folder, minilm_path)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "custom", "model_name": str(folder)}]}))
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config), "--port",
+                             str(free_port())], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "model 'custom' cannot be served" in result.stderr
+    assert "my_package.modules.CustomRerank" in result.stderr and str(folder) in result.stderr
+    assert "Traceback" not in result.stderr
+    too_long = tmp_path / "too-long.yaml"
+    too_long.write_text(yaml.safe_dump({"models": [{"model_name": minilm_path, "max_length": 1024}]}))
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--config", str(too_long)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "max_length 1024 is more than the 512 positions" in result.stderr
 
 
 def _raylet_pids() -> set[int]:

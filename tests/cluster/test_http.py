@@ -34,8 +34,10 @@ def test_health_docs_and_models(http, cluster_config):
     assert {"/v1/embeddings", "/embed", "/embed_tokens", "/tokenize", "/models", "/health"} <= set(paths)
     cards = {card["id"]: card for card in http.get("/models").json()["data"]}
     minilm = cards["all-MiniLM-L6-v2"]
-    assert (minilm["dim"], minilm["dtype"], minilm["layers"], minilm["max_length"]) == (384, "float32", 6, 512)
-    assert (minilm["pooling"], minilm["normalize"], minilm["device"]) == ("mean", True, "cpu")
+    assert (minilm["dim"], minilm["dtype"], minilm["layers"], minilm["max_length"]) == (384, "float32", 6, 256)
+    assert (minilm["pooling"], minilm["normalize"], minilm["device"]) == (["mean"], True, "cpu")
+    assert (minilm["prompts"], minilm["default_prompt_name"], minilm["head"]) == (
+        {"query": "", "document": ""}, None, ["Normalize"])
     assert minilm["replicas"]["running"] == 1 and minilm["replicas"]["target"] == 1
     assert cards["minilm-bf16"]["dtype"] == "bfloat16"
     assert (cards["tiny-bert"]["dim"], cards["tiny-bert"]["normalize"]) == (32, False)
@@ -93,10 +95,11 @@ def test_tokenize_and_embed_tokens(http, minilm_path):
     tokens = http.post("/tokenize", json={"inputs": ["AllenNLP is great"]}).json()
     assert tokens == [{"tokens": ["[CLS]", "allen", "##nl", "##p", "is", "great", "[SEP]"],
                        "ids": [101, 5297, 20554, 2361, 2003, 2307, 102], "num_segments": 1,
-                       "word_offsets": None}]
+                       "word_offsets": None, "prompt_length": None}]
     long_text = "folding " * 1200
     folded = http.post("/tokenize", json={"inputs": [long_text]}).json()[0]
-    assert folded["num_segments"] == 3 and len(folded["tokens"]) == 1202
+    # segments of 256 wordpieces (MiniLM's max_seq_length), 254 of them text
+    assert folded["num_segments"] == 5 and len(folded["tokens"]) == 1202
     pieces = http.post("/embed_tokens", json={"inputs": ["AllenNLP is great"]}).json()[0]
     assert pieces["tokens"] == tokens[0]["tokens"]
     embedder = PretrainedTransformerEmbedder(minilm_path, train_parameters=False)
@@ -143,13 +146,13 @@ def test_64_concurrent_requests_never_mix_answers(http, minilm_path):
         size = int(rng.integers(1, 4))
         lengths = [int(rng.integers(2, 30)) for _ in range(size)]
         if number % 8 == 0:
-            lengths[0] = 2100  # over 2,000 wordpieces: folded into five segments
+            lengths[0] = 2100  # over 2,000 wordpieces: folded into nine segments of 256
         requests.append([" ".join(rng.choice(vocabulary, n)) for n in lengths])
     with ThreadPoolExecutor(max_workers=64) as pool:
         answers = list(pool.map(lambda texts: http.post("/embed", json={"inputs": texts}), requests))
     assert all(a.status_code == 200 for a in answers)
-    embedder = PretrainedTransformerEmbedder(minilm_path, max_length=512, train_parameters=False)
-    indexer = PretrainedTransformerIndexer(minilm_path, max_length=512)
+    embedder = PretrainedTransformerEmbedder(minilm_path, max_length=256, train_parameters=False)
+    indexer = PretrainedTransformerIndexer(minilm_path, max_length=256)
     for texts, answer in zip(requests, answers):
         with torch.no_grad():
             indexed = indexer(texts)

@@ -124,7 +124,7 @@ def _reference_digest(minilm_path: str, dtype: str) -> str:
         embedder = PretrainedTransformerEmbedder(minilm_path, transformer_kwargs={"dtype": getattr(torch, dtype)},
                                                  train_parameters=False)
         batch = load_indexer(ModelConfig(model_name=minilm_path)).fold([WARM_UP_TEXT])
-        vectors = encode_folded(embedder, batch)[0]
+        vectors = encode_folded(embedder, batch, normalize=True)[0]  # MiniLM's Normalize module
     finally:
         torch.set_num_threads(threads)
         clear_cache()

@@ -12,15 +12,8 @@ import torch
 
 from embedder import PretrainedTransformerIndexer, SentenceEncoder, UnsupportedModelError, pool_ragged
 from embedder.sentence_pooling import POOLING_MODES
-from st_folders import SETUPS, bert_mean, unknown_module
+from st_folders import LONG_TEXTS, SETUPS, TEXTS, bert_mean, unknown_module
 
-TEXTS = ["A man is eating food.", "what is the capital of France?", "x",
-         "Café, naïve, façade, déjà vu. 東京 は 日本 の 首都 です.",
-         "Ray Serve scales Python services across a cluster of machines."]
-LONG_TEXTS = ["The quick brown fox jumps over the lazy dog, again and again. " * 12
-              + "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000; punctuation and quotes. " * 12,
-              "Paris is the capital and most populous city of France. " * 10
-              + "東京 は 日本 の 首都 です. Café, naïve, façade, déjà vu. " * 12 + "The end."]
 SETUP_NAMES = [spec.name for spec in SETUPS]
 
 

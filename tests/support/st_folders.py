@@ -48,6 +48,16 @@ supporting documents. Represent the document for retrieval. Café, naïve, faça
 Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000; punctuation (,.;:!?) and "quotes" - dashes.
 """ * 3
 
+#: Texts that fit every setup's length, prompt included.
+TEXTS = ["A man is eating food.", "what is the capital of France?", "x",
+         "Café, naïve, façade, déjà vu. 東京 は 日本 の 首都 です.",
+         "Ray Serve scales Python services across a cluster of machines."]
+#: Texts longer than every setup's length, with different beginnings and ends.
+LONG_TEXTS = ["The quick brown fox jumps over the lazy dog, again and again. " * 12
+              + "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000; punctuation and quotes. " * 12,
+              "Paris is the capital and most populous city of France. " * 10
+              + "東京 は 日本 の 首都 です. Café, naïve, façade, déjà vu. " * 12 + "The end."]
+
 
 @dataclass(frozen=True)
 class FolderSpec:
