@@ -1,6 +1,6 @@
 """The cluster: config, the Serve app, the Python client, the CLI."""
 
-from cluster.client import EmbeddingClient
+from cluster.client import Chunk, EmbeddingClient
 from cluster.config import ClusterConfig, ModelConfig, load_config
 from deployments.errors import (
     BadRequestError,
@@ -12,6 +12,7 @@ from deployments.errors import (
 
 __all__ = [
     "BadRequestError",
+    "Chunk",
     "ClusterConfig",
     "EmbeddingClient",
     "EmbeddingRequestError",

@@ -6,11 +6,17 @@ stage on GPU (or CPU) actors loads the model once per actor through the cache,
 batches segments by a token budget (``encode_folded``) and writes vectors.
 Rows whose text is null, not a string or empty keep flowing: their vector is
 null and the ``error`` column says why.
+
+With ``chunks`` every document becomes one row per chunk (``chunk_index``,
+``chunk_start``, ``chunk_end``, ``chunk_text``): late chunking pools each chunk
+from its whole document in the encode stage; ``context="chunk"`` splits the
+rows in the tokenize stage and embeds each chunk's text alone.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -21,6 +27,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from cluster.config import ClusterConfig
 from deployments.loading import load_encoder, load_indexer
 from deployments.settings import ModelConfig
+from embedder.chunking import DEFAULT_CHUNK_SIZE, check_chunking
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import encode_folded
 from embedder.sentence_pooling import check_pooling_modes
@@ -33,7 +40,54 @@ TOKENS_COLUMN = "num_tokens"
 _TOKEN_IDS = "__token_ids"
 _SEGMENT_LENGTHS = "__segment_lengths"
 _PROMPT_LENGTH = "__prompt_length"
-_INTERNAL = (_TOKEN_IDS, _SEGMENT_LENGTHS, _PROMPT_LENGTH)
+_CHUNK_SPANS = "__chunk_spans"
+_CHUNK_CHARS = "__chunk_chars"
+_INTERNAL = (_TOKEN_IDS, _SEGMENT_LENGTHS, _PROMPT_LENGTH, _CHUNK_SPANS, _CHUNK_CHARS)
+CHUNK_INDEX, CHUNK_START, CHUNK_END, CHUNK_TEXT = "chunk_index", "chunk_start", "chunk_end", "chunk_text"
+NO_TOKENS = "text has no tokens"
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """One output row per chunk: windows of whole words of at most ``chunk_size`` wordpieces, each
+    starting ``chunk_size - chunk_overlap`` after the last; ``context`` ``"document"`` pools each
+    chunk from its whole document (late chunking), ``"chunk"`` embeds each chunk's text alone."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_overlap: int = 0
+    context: Literal["document", "chunk"] = "document"
+
+    def __post_init__(self) -> None:
+        check_chunking(self.chunk_size, self.chunk_overlap)
+        if self.context not in ("document", "chunk"):
+            raise ValueError(f"context must be 'document' or 'chunk', not {self.context!r}")
+
+
+def _one_row_per_chunk(table: pa.Table, counts: np.ndarray, starts: list[int | None], ends: list[int | None],
+                       texts: list[str | None]) -> pa.Table:
+    """``table`` with row ``i`` repeated ``counts[i]`` times (at least once, for a row without
+    chunks) and the chunk columns appended."""
+    repeats = np.maximum(counts, 1)
+    exploded = table.take(np.repeat(np.arange(table.num_rows), repeats))
+    index = np.arange(int(repeats.sum())) - np.repeat(np.cumsum(repeats) - repeats, repeats)
+    return (exploded
+            .append_column(CHUNK_INDEX, pa.array(index.astype(np.int32)))
+            .append_column(CHUNK_START, pa.array(starts, type=pa.int32()))
+            .append_column(CHUNK_END, pa.array(ends, type=pa.int32()))
+            .append_column(CHUNK_TEXT, pa.array(texts, type=pa.string())))
+
+
+def _chunk_columns(texts: list[Any], tables: list[np.ndarray | None]) -> tuple[np.ndarray, list, list, list]:
+    """Per chunk row: start, end and text (``None`` for a document without chunks), and chunks per document."""
+    counts = np.array([0 if t is None else len(t) for t in tables], dtype=np.int64)
+    starts, ends, pieces = [], [], []
+    for text, chunks in zip(texts, tables):
+        if chunks is None or not len(chunks):
+            starts.append(None), ends.append(None), pieces.append(None)
+            continue
+        for start, end in chunks[:, :2].tolist():
+            starts.append(start), ends.append(end), pieces.append(text[start:end])
+    return counts, starts, ends, pieces
 
 
 def text_problem(value: Any) -> str | None:
@@ -48,13 +102,16 @@ def text_problem(value: Any) -> str | None:
 
 
 class TokenizeStage:
-    """``map_batches`` class: texts -> folded segments, one ragged row per text."""
+    """``map_batches`` class: texts -> folded segments, one ragged row per text (with ``chunking``,
+    its chunks too; with ``context="chunk"``, one row per chunk, folded alone)."""
 
-    def __init__(self, model: ModelConfig, text_column: str, truncate: bool, prompt: str | None) -> None:
+    def __init__(self, model: ModelConfig, text_column: str, truncate: bool, prompt: str | None,
+                 chunking: Chunking | None = None) -> None:
         self._indexer = load_indexer(model)
         self._text_column = text_column
         self._truncate = truncate
         self._prompt = prompt
+        self._chunking = chunking
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if self._text_column not in table.column_names:
@@ -63,34 +120,72 @@ class TokenizeStage:
         earlier = (table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names
                    else [None] * len(texts))
         problems = [before or text_problem(t) for before, t in zip(earlier, texts)]
+        if ERROR_COLUMN in table.column_names:
+            table = table.drop_columns([ERROR_COLUMN])
+        if self._chunking is not None and self._chunking.context == "chunk":
+            table, texts, problems = self._split_into_chunks(table, texts, problems)
         valid = [i for i, problem in enumerate(problems) if problem is None]
         token_rows: list[np.ndarray | None] = [None] * len(texts)
         length_rows: list[np.ndarray | None] = [None] * len(texts)
+        span_rows: list[np.ndarray | None] = [None] * len(texts)
+        char_rows: list[np.ndarray | None] = [None] * len(texts)
         counts = np.zeros(len(texts), dtype=np.int32)
-        prompt_length = self._indexer.prompt_length(self._prompt) if self._prompt else 0
+        late = self._chunking is not None and self._chunking.context == "document"
+        prompt_length = self._indexer.prompt_length(self._prompt) if self._prompt and not late else 0
         if valid:
-            batch = self._indexer.fold([texts[i] for i in valid], truncate=self._truncate, prompt=self._prompt)
+            batch = self._fold([texts[i] for i in valid], late)
             token_starts = np.concatenate(([0], np.cumsum(batch.segment_lengths)))
             segment_starts = np.concatenate(([0], np.cumsum(batch.segments_per_input)))
+            chunk_starts = np.concatenate(([0], np.cumsum(batch.chunks_per_input))) if late else None
             for position, row in enumerate(valid):
                 first, last = segment_starts[position], segment_starts[position + 1]
                 token_rows[row] = batch.token_ids[token_starts[first]:token_starts[last]]
                 length_rows[row] = batch.segment_lengths[first:last]
                 counts[row] = batch.num_wordpieces[position]
-        if ERROR_COLUMN in table.column_names:
-            table = table.drop_columns([ERROR_COLUMN])
+                if late:
+                    chunks = slice(chunk_starts[position], chunk_starts[position + 1])
+                    span_rows[row] = batch.chunk_spans[chunks].reshape(-1)
+                    char_rows[row] = batch.chunk_char_spans[chunks].reshape(-1)
+                    if not len(span_rows[row]):
+                        problems[row] = NO_TOKENS
+        ragged = pa.list_(pa.int32())
         return (table
-                .append_column(_TOKEN_IDS, pa.array(token_rows, type=pa.list_(pa.int32())))
-                .append_column(_SEGMENT_LENGTHS, pa.array(length_rows, type=pa.list_(pa.int32())))
+                .append_column(_TOKEN_IDS, pa.array(token_rows, type=ragged))
+                .append_column(_SEGMENT_LENGTHS, pa.array(length_rows, type=ragged))
                 .append_column(_PROMPT_LENGTH, pa.array(np.full(len(texts), prompt_length, dtype=np.int32)))
+                .append_column(_CHUNK_SPANS, pa.array(span_rows, type=ragged))
+                .append_column(_CHUNK_CHARS, pa.array(char_rows, type=ragged))
                 .append_column(TOKENS_COLUMN, pa.array(counts))
                 .append_column(ERROR_COLUMN, pa.array(problems, type=pa.string())))
 
+    def _fold(self, texts: list[str], late: bool) -> FoldedBatch:
+        if late:
+            return self._indexer.fold_chunks(texts, chunk_size=self._chunking.chunk_size,
+                                             chunk_overlap=self._chunking.chunk_overlap, prompt=self._prompt)
+        return self._indexer.fold(texts, truncate=self._truncate, prompt=self._prompt)
 
-def _folded_rows(table: pa.Table, rows: np.ndarray, num_start: int, num_end: int) -> FoldedBatch:
+    def _split_into_chunks(self, table: pa.Table, texts: list, problems: list) -> tuple[pa.Table, list, list]:
+        """One row per chunk of each document, the chunk's text to be embedded alone."""
+        valid = [i for i, problem in enumerate(problems) if problem is None]
+        tables: list[np.ndarray | None] = [None] * len(texts)
+        if valid:
+            plan = self._indexer.fold_chunks([texts[i] for i in valid], chunk_size=self._chunking.chunk_size,
+                                             chunk_overlap=self._chunking.chunk_overlap)
+            for row, chunks in zip(valid, plan.chunk_table()):
+                tables[row] = chunks
+                if not len(chunks):
+                    problems[row] = NO_TOKENS
+        counts, starts, ends, pieces = _chunk_columns(texts, tables)
+        repeats = np.maximum(counts, 1)
+        chunk_problems = np.repeat(np.array(problems, dtype=object), repeats).tolist()
+        return _one_row_per_chunk(table, counts, starts, ends, pieces), pieces, chunk_problems
+
+
+def _folded_rows(table: pa.Table, rows: np.ndarray, num_start: int, num_end: int, chunks: bool) -> FoldedBatch:
     """Rebuild one ``FoldedBatch`` from the ragged rows the tokenize stage wrote."""
     token_ids = table.column(_TOKEN_IDS).take(rows).combine_chunks()
     lengths = table.column(_SEGMENT_LENGTHS).take(rows).combine_chunks()
+    spans = table.column(_CHUNK_SPANS).take(rows).combine_chunks() if chunks else None
     return FoldedBatch(
         token_ids=token_ids.flatten().to_numpy(zero_copy_only=False),
         segment_lengths=lengths.flatten().to_numpy(zero_copy_only=False),
@@ -99,14 +194,21 @@ def _folded_rows(table: pa.Table, rows: np.ndarray, num_start: int, num_end: int
         num_start_tokens=num_start,
         num_end_tokens=num_end,
         prompt_lengths=table.column(_PROMPT_LENGTH).take(rows).to_numpy().astype(np.int32),
+        chunk_spans=None if spans is None else spans.flatten().to_numpy(zero_copy_only=False).reshape(-1, 2),
+        chunk_char_spans=None if spans is None else table.column(_CHUNK_CHARS).take(rows).combine_chunks()
+        .flatten().to_numpy(zero_copy_only=False).reshape(-1, 2),
+        chunks_per_input=None if spans is None else (spans.value_lengths().to_numpy(zero_copy_only=False) // 2)
+        .astype(np.int32),
     )
 
 
 class EncodeStage:
-    """``map_batches`` class: folded rows -> one float32 vector (or one per wordpiece) per row."""
+    """``map_batches`` class: folded rows -> one float32 vector (or one per wordpiece) per row; with
+    late chunking, one row per chunk."""
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | list[str] | None,
-                 normalize: bool | None, threads: int | None) -> None:
+                 normalize: bool | None, threads: int | None, text_column: str = "text",
+                 chunking: Chunking | None = None) -> None:
         encoder, _ = load_encoder(model, threads)
         self._embedder, self._head = encoder.embedder, encoder.head
         self._pooling = pooling
@@ -114,19 +216,43 @@ class EncodeStage:
         self._model = model
         self._output_column = output_column
         self._level = level
+        self._text_column = text_column
+        self._late = chunking is not None and chunking.context == "document"
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        dim = self._head.get_output_dim() if self._level == "pooled" else self._embedder.get_output_dim()
+        level = "chunk" if self._late else self._level
+        dim = self._head.get_output_dim() if level in ("pooled", "chunk") else self._embedder.get_output_dim()
         ok = np.flatnonzero(table.column(ERROR_COLUMN).is_null().to_numpy(zero_copy_only=False))
         special = self._embedder.special_tokens
-        vectors = None
+        vectors, tables = None, [None] * table.num_rows
         if len(ok):
-            batch = _folded_rows(table, ok, special.num_start, special.num_end)
-            vectors = encode_folded(self._embedder, batch, level=self._level, head=self._head, pooling=self._pooling,
+            batch = _folded_rows(table, ok, special.num_start, special.num_end, chunks=self._late)
+            vectors = encode_folded(self._embedder, batch, level=level, head=self._head, pooling=self._pooling,
                                     normalize=self._normalize, max_batch_tokens=self._model.max_batch_tokens)
+            for row, chunks in zip(ok, batch.chunk_table() or []):
+                tables[row] = chunks
+        if self._late:
+            return self._explode_chunks(table, ok, tables, vectors, dim)
         column = (self._pooled_column if self._level == "pooled" else self._wordpiece_column)(
             table.num_rows, ok, vectors, dim)
         return table.drop_columns(list(_INTERNAL)).append_column(self._output_column, column)
+
+    def _explode_chunks(self, table: pa.Table, ok: np.ndarray, tables: list[np.ndarray | None],
+                           vectors: list[np.ndarray] | None, dim: int) -> pa.Table:
+        """One row per chunk of each document (one row with a null vector for a document with an error)."""
+        by_row: list[np.ndarray | None] = [None] * table.num_rows
+        for row, document_vectors in zip(ok, vectors or []):
+            by_row[row] = document_vectors
+        counts, starts, ends, texts = _chunk_columns(table.column(self._text_column).to_pylist(), tables)
+        tokens = np.concatenate([np.zeros(1, np.int64) if t is None else t[:, 2] for t in tables]).astype(np.int32)
+        values = np.concatenate([np.zeros((1, dim), np.float32) if v is None else v for v in by_row])
+        missing = np.concatenate([[v is None] * max(len(v) if v is not None else 1, 1) for v in by_row])
+        error = table.column(ERROR_COLUMN).take(np.repeat(np.arange(table.num_rows), np.maximum(counts, 1)))
+        exploded = _one_row_per_chunk(table.drop_columns([*_INTERNAL, TOKENS_COLUMN, ERROR_COLUMN]), counts,
+                                      starts, ends, texts)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(missing))
+        return (exploded.append_column(TOKENS_COLUMN, pa.array(tokens))
+                .append_column(self._output_column, column).append_column(ERROR_COLUMN, error))
 
     @staticmethod
     def _pooled_column(num_rows: int, ok: np.ndarray, vectors: np.ndarray | None, dim: int) -> pa.Array:
@@ -186,6 +312,7 @@ def embed_dataset(
     truncate: bool = False,
     prompt_name: str | None = None,
     prompt: str | None = None,
+    chunks: Chunking | None = None,
     batch_size: int = 256,
     tokenize_actors: int | None = None,
     encode_actors: int | None = None,
@@ -198,6 +325,8 @@ def embed_dataset(
     (``None``: the bundled MiniLM). Every other column passes through. Long
     texts are folded, never truncated unless ``truncate``. ``prompt_name`` / ``prompt``
     choose a prompt as on ``/embed`` (the model's default prompt when neither is given).
+    ``chunks`` gives one row per chunk of each document (see ``Chunking``) with the chunk
+    columns; late chunking needs a model that mean-pools (or ``pooling="mean"``).
     Pool sizes and CPU encoders' torch threads default from the resources free now.
     """
     if level not in ("pooled", "wordpiece"):
@@ -208,13 +337,21 @@ def embed_dataset(
     prompt = model.prompt(prompt_name, prompt)
     if pooling is not None:
         check_pooling_modes(pooling)
+    if chunks is not None and chunks.context == "document":
+        if level != "pooled":
+            raise ValueError("chunks give pooled vectors; level must be 'pooled'")
+        modes = check_pooling_modes(pooling or model.pooling or "mean")
+        if modes != ("mean",):
+            raise ValueError(f"late chunking averages each chunk's wordpieces, but model {model.name!r} pools with "
+                             f"{'+'.join(modes)}; pass pooling='mean' to chunk it anyway, or context 'chunk'")
     default_tokenizers, default_encoders = default_pool_sizes(model, tokenize_cpus)
     encode_actors = encode_actors or default_encoders
     if encode_threads is None and model.num_gpus == 0:
         encode_threads = default_encode_threads(encode_actors)
     tokenized = ds.map_batches(
         TokenizeStage,
-        fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate, "prompt": prompt},
+        fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate, "prompt": prompt,
+                               "chunking": chunks},
         batch_format="pyarrow",
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=tokenize_actors or default_tokenizers),
@@ -223,7 +360,8 @@ def embed_dataset(
     return tokenized.map_batches(
         EncodeStage,
         fn_constructor_kwargs={"model": model, "output_column": output_column, "level": level,
-                               "pooling": pooling, "normalize": normalize, "threads": encode_threads},
+                               "pooling": pooling, "normalize": normalize, "threads": encode_threads,
+                               "text_column": text_column, "chunking": chunks},
         batch_format="pyarrow",
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=encode_actors),

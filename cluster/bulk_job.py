@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -21,7 +22,7 @@ import ray
 from ray.data import Dataset
 from tqdm import tqdm
 
-from cluster.bulk import ERROR_COLUMN, TOKENS_COLUMN, BulkLevel, embed_dataset
+from cluster.bulk import CHUNK_INDEX, ERROR_COLUMN, TOKENS_COLUMN, BulkLevel, Chunking, embed_dataset
 from cluster.sources import IO_TASK_CPUS, expand_inputs, read_inputs
 from deployments.settings import ModelConfig
 
@@ -32,7 +33,8 @@ PART_GLOB = "part-*.parquet"
 
 @dataclass
 class BulkSummary:
-    """What a bulk job did; the counts cover earlier, resumed runs too."""
+    """What a bulk job did; the counts cover earlier, resumed runs too. Rows are input rows
+    (documents); with chunking, ``chunks`` counts the chunks embedded."""
 
     rows_in: int = 0
     rows_out: int = 0
@@ -40,16 +42,28 @@ class BulkSummary:
     tokens: int = 0
     seconds: float = 0.0
     rows_resumed: int = 0
+    chunks: int | None = None
 
     def line(self) -> str:
         return (f"rows in: {self.rows_in}, rows out: {self.rows_out}, rows with an error: {self.rows_with_error}, "
-                f"tokens: {self.tokens}, seconds: {self.seconds:.1f}"
+                + (f"chunks: {self.chunks}, " if self.chunks is not None else "")
+                + f"tokens: {self.tokens}, seconds: {self.seconds:.1f}"
                 + (f" ({self.rows_resumed} rows kept from an earlier run)" if self.rows_resumed else ""))
 
     def add(self, table: pa.Table) -> None:
-        self.rows_out += table.num_rows
+        documents = _document_starts(table)
+        self.rows_out += len(documents)
         self.rows_with_error += table.num_rows - table.column(ERROR_COLUMN).null_count
         self.tokens += int(pc.sum(table.column(TOKENS_COLUMN)).as_py() or 0)
+        if CHUNK_INDEX in table.column_names:
+            self.chunks = (self.chunks or 0) + table.column(ERROR_COLUMN).null_count
+
+
+def _document_starts(table: pa.Table) -> np.ndarray:
+    """Rows where a document starts: every row, or with chunking the rows of its first chunk."""
+    if CHUNK_INDEX not in table.column_names:
+        return np.arange(table.num_rows)
+    return np.flatnonzero(table.column(CHUNK_INDEX).to_numpy(zero_copy_only=False) == 0)
 
 
 def _collect_finished_parts(output: Path, id_column: str, summary: BulkSummary) -> pa.Array:
@@ -59,7 +73,8 @@ def _collect_finished_parts(output: Path, id_column: str, summary: BulkSummary) 
     ids = []
     for part in sorted(output.glob(PART_GLOB)):
         try:
-            table = pq.read_table(part, columns=[id_column, ERROR_COLUMN, TOKENS_COLUMN])
+            chunked = CHUNK_INDEX in pq.read_schema(part).names
+            table = pq.read_table(part, columns=[id_column, ERROR_COLUMN, TOKENS_COLUMN, *[CHUNK_INDEX] * chunked])
         except Exception as error:  # a part cut short by a crash: redo its rows
             logger.warning("removing unreadable part %s (%s)", part.name, type(error).__name__)
             part.unlink()
@@ -75,6 +90,22 @@ def _drop_done(table: pa.Table, id_column: str, done_ref) -> pa.Table:
     if len(done) == 0:
         return table
     return table.filter(pc.invert(pc.is_in(table.column(id_column), value_set=done.cast(table.column(id_column).type))))
+
+
+def _part_end(pending: pa.Table, rows_per_part: int) -> int | None:
+    """How many rows of ``pending`` make the next part: ``rows_per_part``, moved back to where a
+    document starts (forward, for a document with more chunks than that), so that a part only holds
+    whole documents; ``None`` while ``pending`` holds too few rows to tell."""
+    if pending.num_rows < rows_per_part:
+        return None
+    if CHUNK_INDEX not in pending.column_names:
+        return rows_per_part
+    starts = _document_starts(pending)
+    before = starts[(starts > 0) & (starts <= rows_per_part)]
+    if len(before):
+        return int(before[-1])
+    after = starts[starts > rows_per_part]
+    return int(after[0]) if len(after) else None
 
 
 def _write_part(output: Path, run_id: str, number: int, table: pa.Table, summary: BulkSummary) -> None:
@@ -96,6 +127,7 @@ def run_bulk_job(
     truncate: bool = False,
     prompt_name: str | None = None,
     prompt: str | None = None,
+    chunks: Chunking | None = None,
     resume: bool = False,
     rows_per_part: int = 10_000,
     batch_size: int = 256,
@@ -103,7 +135,8 @@ def run_bulk_job(
     show_progress: bool = True,
 ) -> BulkSummary:
     """Embed every row of ``source`` into parquet parts under ``output`` (Ray must be initialized).
-    ``prompt_name`` / ``prompt`` choose the prompt as on ``/embed``."""
+    ``prompt_name`` / ``prompt`` choose the prompt as on ``/embed``; with ``chunks`` each document
+    gives one row per chunk, and a part always holds whole documents (so ``resume`` works per id)."""
     started = time.monotonic()
     model = model.resolved()
     model.prompt(prompt_name, prompt)
@@ -127,7 +160,7 @@ def run_bulk_job(
     elif id_column is not None and id_column not in columns:
         raise KeyError(f"the input has no id column {id_column!r}; it has {columns}")
     embedded = embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
-                             prompt_name=prompt_name, prompt=prompt, batch_size=batch_size,
+                             prompt_name=prompt_name, prompt=prompt, chunks=chunks, batch_size=batch_size,
                              encode_actors=encode_actors)
     run_id = uuid.uuid4().hex[:8]
     pending: pa.Table | None = None
@@ -136,10 +169,10 @@ def run_bulk_job(
               desc="embedding", dynamic_ncols=True) as progress:
         for table in embedded.iter_batches(batch_size=min(batch_size, rows_per_part), batch_format="pyarrow"):
             pending = table if pending is None else pa.concat_tables([pending, table], promote_options="permissive")
-            progress.update(table.num_rows)
-            while pending.num_rows >= rows_per_part:
-                _write_part(output, run_id, parts, pending.slice(0, rows_per_part), summary)
-                pending = pending.slice(rows_per_part)
+            progress.update(len(_document_starts(table)))
+            while (cut := _part_end(pending, rows_per_part)) is not None:
+                _write_part(output, run_id, parts, pending.slice(0, cut), summary)
+                pending = pending.slice(cut)
                 parts += 1
         if pending is not None and pending.num_rows:
             _write_part(output, run_id, parts, pending, summary)

@@ -70,12 +70,14 @@ def embed_command(args: argparse.Namespace) -> int:
     """The bulk job: INPUT files -> OUTPUT parquet parts, with progress and a summary line."""
     import ray
 
+    from cluster.bulk import Chunking
     from cluster.bulk_job import run_bulk_job
 
     config = load_config(args.config)
     try:
         model = (config.model(args.model) if args.model else config.models[0]).resolved()
         model.prompt(args.prompt_name, args.prompt)
+        chunks = Chunking(args.chunk_size, args.chunk_overlap, args.chunk_context) if args.chunks else None
     except (KeyError, ValueError) as error:
         print(f"embedding-cluster embed: {error}", file=sys.stderr)
         return 2
@@ -83,7 +85,7 @@ def embed_command(args: argparse.Namespace) -> int:
     try:
         summary = run_bulk_job(args.input, args.output, model, text_column=args.text_column,
                                id_column=args.id_column, level=args.level, truncate=args.truncate,
-                               prompt_name=args.prompt_name, prompt=args.prompt, resume=args.resume, rows_per_part=args.rows_per_part, batch_size=args.batch_size,
+                               prompt_name=args.prompt_name, prompt=args.prompt, chunks=chunks, resume=args.resume, rows_per_part=args.rows_per_part, batch_size=args.batch_size,
                                encode_actors=args.encode_actors)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
         print(f"embedding-cluster embed: {error}", file=sys.stderr)
@@ -152,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--truncate", action="store_true", help="keep only max_length wordpieces of long texts")
     embed.add_argument("--prompt-name", help="one of the model's prompts (default: its default prompt, if any)")
     embed.add_argument("--prompt", help="a literal prompt put before every text")
+    embed.add_argument("--chunks", action="store_true",
+                       help="one row per chunk of each text (chunk_index, chunk_start, chunk_end, chunk_text)")
+    embed.add_argument("--chunk-size", type=int, default=128, help="most wordpieces in a chunk (default 128)")
+    embed.add_argument("--chunk-overlap", type=int, default=0, help="wordpieces a chunk shares with the last")
+    embed.add_argument("--chunk-context", choices=["document", "chunk"], default="document",
+                       help="document: late chunking (each chunk pooled from its whole text); chunk: each alone")
     embed.add_argument("--resume", action="store_true",
                        help="keep the complete parts an interrupted run left in OUTPUT and embed the rest")
     embed.add_argument("--address", help="run on this Ray cluster (HEAD:PORT or 'auto') instead of a local one")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,25 @@ def _raise_cause(error: BaseException) -> None:
     if isinstance(cause, EmbeddingRequestError):
         raise type(cause)(cause.message) from None
     raise error
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a document: ``text == document[start:end]``, its wordpieces, its vector."""
+
+    start: int
+    end: int
+    text: str
+    num_tokens: int
+    vector: np.ndarray
+
+
+def _chunks(texts: str | list[str], answer: tuple[list[np.ndarray], list[np.ndarray], int]) -> list[list[Chunk]]:
+    tables, vectors, _ = answer
+    documents = [texts] if isinstance(texts, str) else texts
+    return [[Chunk(start, end, document[start:end], count, vector)
+             for (start, end, count), vector in zip(table.tolist(), document_vectors)]
+            for document, table, document_vectors in zip(documents, tables, vectors)]
 
 
 class EmbeddingClient:
@@ -82,6 +102,18 @@ class EmbeddingClient:
                                        prompt_name=prompt_name, prompt=prompt,
                                        truncation_direction=truncation_direction))
 
+    def embed_chunks(self, texts: str | list[str], model: str | None = None, chunk_size: int = 128,
+                     chunk_overlap: int = 0, spans: list[list[tuple[int, int]]] | None = None,
+                     context: str = "document", pooling: str | None = None, normalize: bool | None = None,
+                     dimensions: int | None = None, prompt_name: str | None = None,
+                     prompt: str | None = None) -> list[list[Chunk]]:
+        """Per document, its chunks with their vectors: late chunking (``context="document"``, each
+        chunk pooled from the whole document's encoding) or each chunk alone (``"chunk"``)."""
+        return _chunks(texts, self._result(self._call(
+            "embed_document_chunks", texts=texts, model=model, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
+            spans=spans, context=context, pooling=pooling, normalize=normalize, dimensions=dimensions,
+            prompt_name=prompt_name, prompt=prompt)))
+
     def models(self) -> list[dict]:
         """The served models and their settings."""
         return self._result(self._call("list_models"))
@@ -113,6 +145,16 @@ class EmbeddingClient:
         return await self._aresult(self._call("tokenize_inputs", texts=texts, words=words, model=model,
                                               truncate=truncate, prompt_name=prompt_name, prompt=prompt,
                                               truncation_direction=truncation_direction))
+
+    async def aembed_chunks(self, texts: str | list[str], model: str | None = None, chunk_size: int = 128,
+                            chunk_overlap: int = 0, spans: list[list[tuple[int, int]]] | None = None,
+                            context: str = "document", pooling: str | None = None, normalize: bool | None = None,
+                            dimensions: int | None = None, prompt_name: str | None = None,
+                            prompt: str | None = None) -> list[list[Chunk]]:
+        return _chunks(texts, await self._aresult(self._call(
+            "embed_document_chunks", texts=texts, model=model, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
+            spans=spans, context=context, pooling=pooling, normalize=normalize, dimensions=dimensions,
+            prompt_name=prompt_name, prompt=prompt)))
 
     async def amodels(self) -> list[dict]:
         return await self._aresult(self._call("list_models"))

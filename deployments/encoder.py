@@ -104,6 +104,8 @@ class Encoder:
     def _validate(self, batch: FoldedBatch, options: EncodeOptions) -> None:
         if options.level == "word" and not batch.has_words:
             raise BadRequestError("level 'word' needs pre-split words")
+        if options.level == "chunk" and not batch.has_chunks:
+            raise BadRequestError("level 'chunk' needs documents folded for chunking")
         if options.pooling is not None:
             try:
                 self._head.output_dim_for(check_pooling_modes(options.pooling))
@@ -151,7 +153,7 @@ class Encoder:
             )
             for i, batch, output in zip(indices, batches, vectors):
                 results[i] = EncodeResult(vectors=output, num_wordpieces=batch.num_wordpieces,
-                                          wordpieces=batch.wordpieces)
+                                          wordpieces=batch.wordpieces, chunks=batch.chunk_table())
         self._metrics.batch_tokens.observe(stats.real_tokens, tags=self._metrics.tags)
         self._metrics.padding_efficiency.set(stats.padding_efficiency, tags=self._metrics.tags)
         return results

@@ -40,8 +40,11 @@ from deployments.errors import (
     UnknownModelError,
 )
 from deployments.metrics import IngressMetrics
-from deployments.protocol import EncodeOptions, EncodeResult, FoldRequest
+from deployments.protocol import ChunkRequest, EncodeOptions, EncodeResult, FoldRequest
 from deployments.schema import (
+    CHUNK_CONTEXTS,
+    EmbedChunksRequest,
+    EmbedChunksResponse,
     EmbedRequest,
     EmbedResponse,
     EmbedTokensRequest,
@@ -59,6 +62,7 @@ from deployments.settings import ServingSettings
 from deployments.tokenizer import RequestFolder
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
+from embedder.chunking import DEFAULT_CHUNK_SIZE, check_chunking
 from embedder.indexer import TRUNCATION_DIRECTIONS
 from embedder.sentence_pooling import check_pooling_modes
 
@@ -275,6 +279,24 @@ def _check_pooling(value: Any) -> tuple[str, ...] | None:
         raise BadRequestError(str(error)) from None
 
 
+def _check_spans(value: Any, count: int) -> list[list[tuple[int, int]]]:
+    """Per document, a non-empty list of ``[start, end)`` integer pairs (their range is checked
+    against the text when it is tokenized)."""
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        raise BadRequestError(f"'spans' must hold one list of [start, end) spans per document ({count})")
+    checked = []
+    for index, document in enumerate(value):
+        if not isinstance(document, (list, tuple)) or not document:
+            raise BadRequestError(f"spans[{index}] must be a non-empty list of [start, end) spans")
+        for number, span in enumerate(document):
+            if not (isinstance(span, (list, tuple)) and len(span) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+                raise BadRequestError(f"spans[{index}][{number}] must be a pair of integers [start, end), "
+                                      f"not {span!r}")
+        checked.append([tuple(span) for span in document])
+    return checked
+
+
 def _truncate_dimensions(vectors: np.ndarray, dimensions: int | None, renormalize: bool) -> np.ndarray:
     if dimensions is None:
         return vectors
@@ -337,6 +359,12 @@ class Ingress:
     def _fold(self, fold: FoldRequest) -> FoldedBatch | DeploymentResponse:
         """The folded batch (small requests), or the tokenizer deployment's response to pass on."""
         return self._folder.fold(fold) if self._tokenizes_here(fold) else self._tokenizer.fold.remote(fold)
+
+    async def _folded(self, fold: FoldRequest) -> FoldedBatch:
+        """The folded batch itself, here (small requests) or from the tokenizer deployment."""
+        if self._tokenizes_here(fold):
+            return self._folder.fold(fold)
+        return await self._retrying(lambda: self._tokenizer.fold.remote(fold))
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """``_run``, once more when a replica died mid-call: embedding calls are idempotent,
@@ -439,10 +467,7 @@ class Ingress:
         name = self._model(model)
         fold = self._texts_or_words(name, texts, words, truncate, truncation_direction, prompt_name, prompt,
                                     return_wordpieces=True)
-        if self._tokenizes_here(fold):
-            batch = self._folder.fold(fold)
-        else:
-            batch = await self._retrying(lambda: self._tokenizer.fold.remote(fold))
+        batch = await self._folded(fold)
         ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
         entries = []
         for index in range(batch.num_inputs):
@@ -453,6 +478,54 @@ class Ingress:
                 entry["word_offsets"] = [tuple(o) for o in batch.input_offsets(index).tolist()]
             entries.append(entry)
         return entries
+
+    async def embed_document_chunks(self, texts: Any = None, model: str | None = None,
+                                    chunk_size: Any = DEFAULT_CHUNK_SIZE, chunk_overlap: Any = 0, spans: Any = None,
+                                    context: str = "document", pooling: Any = None, normalize: bool | None = None,
+                                    dimensions: int | None = None, prompt_name: str | None = None,
+                                    prompt: str | None = None,
+                                    route: str = "handle") -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """Per document: its chunks ``[n, 3]`` (start and end characters, wordpieces) and their vectors
+        ``[n, dim]``; and the wordpieces embedded. ``context="document"`` pools each chunk from the whole
+        document's encoding (late chunking); ``"chunk"`` embeds each chunk's text alone."""
+        name = self._model(model)
+        texts = _check_texts(texts, self._limits)
+        if context not in CHUNK_CONTEXTS:
+            raise BadRequestError(f"context must be one of {CHUNK_CONTEXTS}, not {context!r}")
+        if spans is None:
+            try:
+                check_chunking(chunk_size, chunk_overlap)
+            except ValueError as error:
+                raise BadRequestError(str(error)) from None
+        else:
+            spans = _check_spans(spans, len(texts))
+        chunking = ChunkRequest(chunk_size=chunk_size, chunk_overlap=chunk_overlap, spans=spans)
+        prompt_text = self._prompt(name, prompt_name, prompt)
+        modes = _check_pooling(pooling)
+        if context == "document":
+            model_modes = check_pooling_modes(self._configs[name].pooling or "mean")
+            if (modes or model_modes) != ("mean",):
+                raise BadRequestError(
+                    f"late chunking averages each chunk's wordpieces, but model {name!r} pools with "
+                    f"{'+'.join(modes or model_modes)}; send \"pooling\": \"mean\" to chunk it anyway, or "
+                    f"\"context\": \"chunk\" to embed each chunk alone")
+            fold = FoldRequest(model=name, texts=texts, prompt=prompt_text, chunks=chunking)
+            result = await self._encode(fold, EncodeOptions(level="chunk", normalize=normalize), route)
+            tables, vectors = result.chunks, list(result.vectors)
+        else:
+            plan = (await self._folded(FoldRequest(model=name, texts=texts, chunks=chunking))).chunk_table()
+            pieces = [text[start:end] for text, table in zip(texts, plan) for start, end, _ in table]
+            fold = FoldRequest(model=name, texts=pieces, prompt=prompt_text)
+            result = await self._encode(fold, EncodeOptions(level="pooled", pooling=modes, normalize=normalize), route)
+            bounds = np.cumsum([len(table) for table in plan])[:-1]
+            vectors = np.split(result.vectors, bounds)
+            tables = [np.column_stack([table[:, :2], counts])
+                      for table, counts in zip(plan, np.split(result.num_wordpieces, bounds))]
+        if dimensions is not None:
+            info = await self._model_info(name)
+            renormalize = info["normalize"] if normalize is None else normalize
+            vectors = [_truncate_dimensions(v, dimensions, renormalize) for v in vectors]
+        return tables, vectors, int(result.num_wordpieces.sum())
 
     async def list_models(self) -> list[dict]:
         """Every served model with its settings and its replica counts by state (running, starting, ...)."""
@@ -530,6 +603,23 @@ class Ingress:
         return JSONBytesResponse(await self.tokenize_inputs(
             texts=body.inputs, words=body.words, model=body.model, truncate=body.truncate,
             prompt_name=body.prompt_name, prompt=body.prompt, truncation_direction=body.truncation_direction))
+
+    @app.post("/embed_chunks", response_model=EmbedChunksResponse, tags=["native"])
+    async def embed_chunks(self, body: EmbedChunksRequest) -> Response:
+        """Chunk vectors with character offsets: late chunking (each chunk pooled from its whole
+        document's encoding), or each chunk embedded alone (``context: "chunk"``)."""
+        name = self._model(body.model)
+        tables, vectors, tokens = await self.embed_document_chunks(
+            body.inputs, model=name, chunk_size=body.chunk_size, chunk_overlap=body.chunk_overlap,
+            spans=body.spans, context=body.context, pooling=body.pooling, normalize=body.normalize,
+            dimensions=body.dimensions, prompt_name=body.prompt_name, prompt=body.prompt, route="embed_chunks")
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        data = [{"index": index, "chunks": [
+            {"start": int(start), "end": int(end), "text": text[start:end], "num_tokens": int(count),
+             "embedding": vector} for (start, end, count), vector in zip(table.tolist(), document_vectors)]}
+            for index, (text, table, document_vectors) in enumerate(zip(texts, tables, vectors))]
+        return JSONBytesResponse({"object": "list", "model": name, "data": data,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.get("/models", response_model=ModelsResponse, tags=["native"])
     async def models(self) -> Response:

@@ -6,9 +6,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedder.chunking import DEFAULT_CHUNK_SIZE
 from embedder.indexer import TruncationDirection
 from embedder.inference import Level
 from embedder.word_pooling import SubTokenMode
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """Late chunking: windows of whole words of at most ``chunk_size`` wordpieces, or the caller's
+    character ``spans`` per document."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_overlap: int = 0
+    spans: list[list[tuple[int, int]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,7 @@ class FoldRequest:
     truncation_direction: TruncationDirection | None = None
     prompt: str | None = None
     return_wordpieces: bool = False
+    chunks: ChunkRequest | None = None
 
     @property
     def num_chars(self) -> int:
@@ -52,8 +64,11 @@ class EncodeResult:
     vectors: ``[n, dim]`` when pooled, else one ``[length, dim]`` array per input.
     num_wordpieces: each input's wordpieces (usage counts).
     wordpieces: each input's wordpiece strings, when asked for.
+    chunks: for late chunking, per input ``[num_chunks, 3]``: each chunk's start and end
+        characters and its number of wordpieces.
     """
 
     vectors: np.ndarray | list[np.ndarray]
     num_wordpieces: np.ndarray
     wordpieces: list[list[str]] | None = None
+    chunks: list[np.ndarray] | None = None

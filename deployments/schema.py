@@ -107,6 +107,51 @@ class EmbedRequest(_Request):
         return self
 
 
+CHUNK_CONTEXTS: tuple[str, ...] = ("document", "chunk")
+
+
+class EmbedChunksRequest(_Request):
+    """``POST /embed_chunks``: documents -> chunk vectors with character offsets."""
+
+    inputs: str | list[str] = Field(..., description="A document or a list of documents.")
+    model: str | None = Field(None, description="A served model; the first one when omitted.")
+    chunk_size: int = Field(128, ge=1, description="Most wordpieces in a chunk; chunks end between words "
+                                                   "(a longer word is a chunk of its own).")
+    chunk_overlap: int = Field(0, ge=0, description="Wordpieces a chunk shares with the previous one "
+                                                    "(less than chunk_size).")
+    spans: list[list[tuple[int, int]]] | None = Field(
+        None, description="Per document, your own [start, end) character spans instead of chunk_size.")
+    context: Literal["document", "chunk"] = Field(
+        "document", description="document: late chunking, each chunk pooled from its whole document's "
+                                "encoding; chunk: each chunk's text embedded alone, as /embed would.")
+    pooling: Pooling | list[Pooling] | None = Field(
+        None, description="Late chunking needs mean pooling: set 'mean' for a model that pools otherwise.")
+    normalize: bool | None = Field(None, description="L2-normalize; the model's default when omitted.")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions.")
+    prompt_name: str | None = prompt_name_field()
+    prompt: str | None = prompt_field()
+
+
+class Chunk(BaseModel):
+    start: int = Field(..., description="First character of the chunk in its document.")
+    end: int = Field(..., description="One past its last character: text == document[start:end].")
+    text: str
+    num_tokens: int = Field(..., description="Its wordpieces.")
+    embedding: list[float]
+
+
+class DocumentChunks(BaseModel):
+    index: int
+    chunks: list[Chunk]
+
+
+class EmbedChunksResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    usage: OpenAIUsage
+    data: list[DocumentChunks]
+
+
 class EmbedResponse(RootModel[list[list[float]]]):
     """One vector per input, in input order."""
 

@@ -32,9 +32,14 @@ class RequestFolder:
         if indexer is None:
             raise UnknownModelError(f"no model named {request.model!r}; served: {sorted(self._indexers)}")
         try:
-            batch = indexer.fold(request.texts, pairs=request.pairs, words=request.words,
-                                 truncate=request.truncate, truncation_direction=request.truncation_direction,
-                                 prompt=request.prompt, return_wordpieces=request.return_wordpieces)
+            if request.chunks is not None:
+                batch = indexer.fold_chunks(request.texts, chunk_size=request.chunks.chunk_size,
+                                            chunk_overlap=request.chunks.chunk_overlap, spans=request.chunks.spans,
+                                            prompt=request.prompt, return_wordpieces=request.return_wordpieces)
+            else:
+                batch = indexer.fold(request.texts, pairs=request.pairs, words=request.words,
+                                     truncate=request.truncate, truncation_direction=request.truncation_direction,
+                                     prompt=request.prompt, return_wordpieces=request.return_wordpieces)
         except (TypeError, ValueError) as error:
             raise BadRequestError(str(error)) from None
         total = int(batch.num_wordpieces.sum())

@@ -28,6 +28,9 @@ class FoldedBatch:
     wordpieces: each input's unfolded wordpiece strings, when asked for.
     prompt_lengths: per input, how many leading wordpieces of its unfolded sequence the prompt
         takes (start tokens included, as sentence-transformers counts them); ``None`` without prompts.
+    chunk_spans / chunk_char_spans / chunks_per_input: for late chunking, each chunk's
+        ``[start, end)`` wordpieces in its input's unfolded sequence and ``[start, end)``
+        characters in its input text, and how many consecutive chunks belong to each input.
     """
 
     token_ids: np.ndarray
@@ -41,6 +44,9 @@ class FoldedBatch:
     words_per_input: np.ndarray | None = None
     wordpieces: list[list[str]] | None = None
     prompt_lengths: np.ndarray | None = None
+    chunk_spans: np.ndarray | None = None
+    chunk_char_spans: np.ndarray | None = None
+    chunks_per_input: np.ndarray | None = None
 
     @property
     def num_inputs(self) -> int:
@@ -73,6 +79,18 @@ class FoldedBatch:
             raise ValueError("this batch was not built from words")
         return np.concatenate(([0], np.cumsum(self.words_per_input)[:-1])).astype(np.int64)
 
+    @property
+    def has_chunks(self) -> bool:
+        return self.chunk_spans is not None
+
+    def chunk_table(self) -> list[np.ndarray] | None:
+        """Per input, ``[num_chunks, 3]``: its chunks' start and end characters and wordpiece counts
+        (``None`` for a batch without chunks)."""
+        if not self.has_chunks:
+            return None
+        table = np.column_stack([self.chunk_char_spans, self.chunk_spans[:, 1] - self.chunk_spans[:, 0]])
+        return np.split(table, np.cumsum(self.chunks_per_input)[:-1])
+
     def input_offsets(self, index: int) -> np.ndarray:
         """The word offsets of one input."""
         start = int(self.word_starts()[index])
@@ -93,6 +111,7 @@ class FoldedBatch:
         with_words = all(b.has_words for b in batches)
         with_pieces = all(b.wordpieces is not None for b in batches)
         with_prompts = any(b.prompt_lengths is not None for b in batches)
+        with_chunks = all(b.has_chunks for b in batches)
         return cls(
             token_ids=np.concatenate([b.token_ids for b in batches]),
             segment_lengths=np.concatenate([b.segment_lengths for b in batches]),
@@ -111,4 +130,7 @@ class FoldedBatch:
                 b.prompt_lengths if b.prompt_lengths is not None else np.zeros(b.num_inputs, dtype=np.int32)
                 for b in batches
             ]) if with_prompts else None,
+            chunk_spans=np.concatenate([b.chunk_spans for b in batches]) if with_chunks else None,
+            chunk_char_spans=np.concatenate([b.chunk_char_spans for b in batches]) if with_chunks else None,
+            chunks_per_input=np.concatenate([b.chunks_per_input for b in batches]) if with_chunks else None,
         )

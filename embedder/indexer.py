@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from embedder.cache import get_tokenizer
+from embedder.chunking import DEFAULT_CHUNK_SIZE, check_chunking, plan_chunks, spans_to_pieces
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import fold_pieces
 from embedder.special_tokens import SpecialTokens
@@ -110,6 +111,60 @@ class PretrainedTransformerIndexer:
                                return_wordpieces=return_wordpieces)
         if prompt is not None:
             batch.prompt_lengths = np.full(batch.num_inputs, self.prompt_length(prompt), dtype=np.int32)
+        return batch
+
+    def fold_chunks(
+        self,
+        texts: Sequence[str],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_overlap: int = 0,
+        spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+        prompt: str | None = None,
+        return_wordpieces: bool = False,
+    ) -> FoldedBatch:
+        """Documents for late chunking: each folded whole, with its chunks (``chunk_spans`` and
+        ``chunk_char_spans``): windows of whole words of at most ``chunk_size`` wordpieces
+        (``embedder.chunking.plan_chunks``; words as the tokenizer's pre-tokenizer splits
+        them), or the caller's character ``spans`` per document. A ``prompt``'s wordpieces
+        come before the document's, outside every chunk. A document without wordpieces
+        (zero-width characters only) has no chunks."""
+        texts = _check_strings(texts, "texts")
+        if spans is None:
+            check_chunking(chunk_size, chunk_overlap)
+        elif isinstance(spans, (str, bytes)) or len(spans) != len(texts):
+            raise ValueError(f"spans must hold one list of [start, end) spans per document ({len(texts)})")
+        if not self.tokenizer.is_fast:
+            raise ValueError("late chunking needs a fast tokenizer (for character offsets)")
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False,
+                                 return_attention_mask=False, return_token_type_ids=False)
+        prompt_pieces = [] if not prompt else self.tokenizer(prompt, add_special_tokens=False,
+                                                             verbose=False)["input_ids"]
+        shift = self.special.num_start + len(prompt_pieces)
+        sequences, windows, characters, counts = [], [], [], []
+        for index, text in enumerate(texts):
+            ids, offsets = encoded["input_ids"][index], encoded["offset_mapping"][index]
+            if spans is None:
+                word_ids = encoded.word_ids(index)
+                starts = [p for p in range(len(ids)) if p == 0 or word_ids[p] != word_ids[p - 1]]
+                pieces = plan_chunks(starts, len(ids), chunk_size, chunk_overlap)
+                chars = [(offsets[start][0], offsets[end - 1][1]) for start, end in pieces]
+            else:
+                if isinstance(spans[index], (str, bytes)) or not spans[index]:
+                    raise ValueError(f"spans[{index}] must be a non-empty list of [start, end) spans")
+                try:
+                    pieces = spans_to_pieces(offsets, spans[index], len(text))
+                except ValueError as error:
+                    raise ValueError(f"document {index}: {error}") from None
+                chars = [tuple(span) for span in spans[index]]
+            sequences.append(_Sequence(pieces=prompt_pieces + ids))
+            windows.extend((start + shift, end + shift) for start, end in pieces)
+            characters.extend(chars)
+            counts.append(len(pieces))
+        batch = self._assemble(sequences, truncate=False, keep_last=False, return_wordpieces=return_wordpieces)
+        batch.chunk_spans = np.array(windows, dtype=np.int32).reshape(-1, 2)
+        batch.chunk_char_spans = np.array(characters, dtype=np.int32).reshape(-1, 2)
+        batch.chunks_per_input = np.array(counts, dtype=np.int32)
         return batch
 
     def prompt_length(self, prompt: str) -> int:

@@ -17,16 +17,17 @@ import numpy as np
 import torch
 
 from embedder.batching import padded_tokens, plan_sub_batches
+from embedder.chunking import chunk_vectors
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
 from embedder.sentence_head import SentenceHead
 from embedder.transformer_embedder import PretrainedTransformerEmbedder, check_type_ids
 from embedder.word_pooling import SubTokenMode, pool_spans
 
-Level = Literal["pooled", "wordpiece", "word"]
-LEVELS: tuple[str, ...] = ("pooled", "wordpiece", "word")
+Level = Literal["pooled", "wordpiece", "word", "chunk"]
+LEVELS: tuple[str, ...] = ("pooled", "wordpiece", "word", "chunk")
 
-#: pooled: ``[num_inputs, dim]``; wordpiece / word: one ``[length, dim]`` array per input.
+#: pooled: ``[num_inputs, dim]``; wordpiece / word / chunk: one ``[length, dim]`` array per input.
 Encoded = np.ndarray | list[np.ndarray]
 
 
@@ -109,6 +110,8 @@ def encode_folded(
 
     ``level="pooled"`` gives ``[num_inputs, dim]`` per batch, pooled by ``head`` (default:
     mean pooling) with the request's own ``pooling`` modes and ``normalize`` switch if given;
+    ``"chunk"`` one ``[num_chunks, dim]`` array per input (late chunking: each chunk the mean of
+    its wordpieces, then ``head``'s modules; the batch must come from ``fold_chunks``);
     ``"wordpiece"`` one
     ``[num_wordpieces, dim]`` array per input; ``"word"`` one ``[num_words, dim]``
     array per input (the batch must come from words). ``stats`` (optional) is
@@ -126,6 +129,8 @@ def encode_folded(
         raise ValueError("the batch was folded by a tokenizer with other special tokens than the embedder's")
     if level == "word" and not merged.has_words:
         raise ValueError("level='word' needs a batch built from words")
+    if level == "chunk" and not merged.has_chunks:
+        raise ValueError("level='chunk' needs a batch from fold_chunks")
     if merged.type_ids is not None:
         check_type_ids(torch.from_numpy(merged.type_ids), embedder.type_vocab_size)
     head = head or SentenceHead(embedder.get_output_dim())
@@ -145,6 +150,13 @@ def encode_folded(
             pooled = head.to(flat.device)(unfolded, torch.from_numpy(merged.num_wordpieces), prompt_lengths,
                                           pooling=pooling, normalize=normalize)
             results = _split_rows(pooled, inputs_per_batch)
+        elif level == "chunk":
+            input_starts = np.cumsum(merged.num_wordpieces) - merged.num_wordpieces
+            spans = merged.chunk_spans + np.repeat(input_starts, merged.chunks_per_input)[:, None]
+            vectors = chunk_vectors(unfolded, spans, head.to(flat.device), normalize)
+            arrays = _split_rows(vectors, merged.chunks_per_input)
+            bounds = np.cumsum(inputs_per_batch)
+            results = [arrays[end - n:end] for end, n in zip(bounds, inputs_per_batch)]
         else:
             sequences = torch.split(unfolded, merged.num_wordpieces.tolist())
             if level == "word":

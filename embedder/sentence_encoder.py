@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig
 
 from embedder.cache import ModelSpec, get_tokenizer
+from embedder.chunking import DEFAULT_CHUNK_SIZE
 from embedder.devices import choose_dtype, resolve_device
 from embedder.indexer import PretrainedTransformerIndexer, TruncationDirection
 from embedder.inference import encode_folded
@@ -184,3 +185,30 @@ class SentenceEncoder(torch.nn.Module):
         vectors = encode_folded(self.embedder, batch, head=self.head, pooling=pooling, normalize=normalize,
                                 max_batch_tokens=max_batch_tokens)
         return vectors[0] if single else vectors
+
+    def encode_chunks(
+        self,
+        texts: Sequence[str],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_overlap: int = 0,
+        spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_batch_tokens: int = 16384,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Late chunking: per document, its chunks ``[n, 3]`` (start and end characters, wordpieces)
+        and their vectors ``[n, dim]``, each the mean of its own wordpieces from the whole document's
+        encoding, then the model's modules after pooling. Needs a mean-pooling model, or
+        ``pooling="mean"`` to chunk another one anyway."""
+        modes = check_pooling_modes(pooling) if pooling is not None else self.head.pooling_modes
+        if modes != ("mean",):
+            raise ValueError(f"late chunking averages each chunk's wordpieces, but this model pools with "
+                             f"{'+'.join(modes)}; pass pooling='mean' to chunk it anyway")
+        batch = self.indexer.fold_chunks(list(texts), chunk_size=chunk_size, chunk_overlap=chunk_overlap, spans=spans,
+                                         prompt=self.settings.prompt(prompt_name, prompt))
+        vectors = encode_folded(self.embedder, batch, level="chunk", head=self.head, normalize=normalize,
+                                max_batch_tokens=max_batch_tokens)
+        return list(zip(batch.chunk_table(), vectors))

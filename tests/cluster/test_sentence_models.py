@@ -178,3 +178,15 @@ def test_handle_and_bulk_take_prompts(st_url, references, st_folders):
     assert cosine(np.array([row["embedding"] for row in rows]), expected).min() >= 0.9999
     with pytest.raises(ValueError, match="unknown prompt_name"):
         embed_dataset(ds, model, prompt_name="nope")
+
+
+def test_late_chunking_needs_mean_pooling(http, references):
+    document = " ".join(TEXTS)
+    refused = http.post("/embed_chunks", json={"inputs": document, "model": "st-bert-cls-prompt"})
+    assert refused.status_code == 400 and "pools with cls" in refused.json()["error"]["message"]
+    forced = http.post("/embed_chunks", json={"inputs": document, "model": "st-bert-cls-prompt", "pooling": "mean"})
+    assert forced.status_code == 200 and forced.json()["data"][0]["chunks"]
+    alone = http.post("/embed_chunks", json={"inputs": document, "model": "st-bert-cls-prompt", "chunk_size": 8,
+                                             "context": "chunk", "prompt_name": "query"}).json()["data"][0]["chunks"]
+    expected = references("bert-cls-prompt").encode([c["text"] for c in alone], prompt_name="query")
+    assert len(alone) > 2 and cosine([c["embedding"] for c in alone], expected).min() >= 0.9999

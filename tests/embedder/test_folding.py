@@ -9,23 +9,10 @@ from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
 from embedder import PretrainedTransformerEmbedder, PretrainedTransformerIndexer
 from embedder.folding import fold_padded, unfold_padded
+from references import reference_folded_output
 
 LONG_TEXT = ("AllenNLP folds sequences that are longer than the model can take into several "
              "segments, runs each one, and stitches the vectors back together. ") * 6
-
-
-def reference_folded_output(model, pieces, start, end, max_length, **model_kwargs) -> torch.Tensor:
-    """Run the plain transformers model on each segment and drop the inner special tokens."""
-    chunk = max_length - len(start) - len(end)
-    segments = [start + pieces[i:i + chunk] + end for i in range(0, len(pieces), chunk)]
-    parts = []
-    with torch.no_grad():
-        for number, ids in enumerate(segments):
-            hidden = model(input_ids=torch.tensor([ids]), **model_kwargs)[0][0]
-            lo = 0 if number == 0 else len(start)
-            hi = len(ids) if number == len(segments) - 1 else len(ids) - len(end)
-            parts.append(hidden[lo:hi])
-    return torch.cat(parts)
 
 
 def test_fold_padded_matches_allennlp_layout():
