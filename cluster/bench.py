@@ -3,7 +3,8 @@
 Contenders: the in-process limit (``encode_folded``), a naive padded
 ``transformers`` loop, ``sentence-transformers`` (short texts only: it
 truncates), the cluster through its handle and over HTTP, single-text latency,
-and the bulk ``ray.data`` job. Speed targets live here, never in unit tests.
+late chunking against chunks embedded alone, and the bulk ``ray.data`` job.
+Speed targets live here, never in unit tests.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ SHORT_MAX_CHARS = 200
 CLIENTS = 32
 TEXTS_PER_REQUEST = 16
 BULK_COPIES = 4
+CHUNK_SIZE = 128
+DOCUMENTS_PER_REQUEST = 2
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Result:
     note: str = ""
     extra: dict = field(default_factory=dict)
     short_only: bool = False  # compared with the limit on the short texts, else with the whole corpus
+    compare: bool = True  # False: another mix than the limit's, no ratio
 
     @property
     def texts_per_s(self) -> float:
@@ -175,24 +179,26 @@ def bench_sentence_transformers(model: ModelConfig, corpus: Corpus, repeats: int
     return results
 
 
-def _chunks(texts: list[str]) -> list[list[str]]:
-    return [texts[i:i + TEXTS_PER_REQUEST] for i in range(0, len(texts), TEXTS_PER_REQUEST)]
+def _chunks(texts: list[str], size: int = TEXTS_PER_REQUEST) -> list[list[str]]:
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
 
 
-async def _http_run(url: str, texts: list[str]) -> None:
+async def _http_run(url: str, texts: list[str], path: str = "/embed", per_request: int = TEXTS_PER_REQUEST,
+                    **fields) -> list:
+    """POST ``texts`` in requests of ``per_request`` from ``CLIENTS`` concurrent clients; the answers."""
     import httpx
 
-    chunks = _chunks(texts)
     limits = httpx.Limits(max_connections=CLIENTS)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         semaphore = asyncio.Semaphore(CLIENTS)
 
-        async def send(chunk: list[str]) -> None:
+        async def send(chunk: list[str]):
             async with semaphore:
-                response = await client.post("/embed", json={"inputs": chunk})
+                response = await client.post(path, json={"inputs": chunk, **fields})
                 response.raise_for_status()
+                return response.json()
 
-        await asyncio.gather(*(send(c) for c in chunks))
+        return await asyncio.gather(*(send(c) for c in _chunks(texts, per_request)))
 
 
 async def _handle_run(client, texts: list[str]) -> None:
@@ -243,12 +249,33 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
         handle_latency = _latency(lambda t: client.embed([t]), probes)
         latency = Result("latency, one short text", latency_requests, 0.0,
                          extra={"http": http_latency, "handle": handle_latency})
+        chunking = bench_chunks(url, model, corpus.long, repeats)
         serve.delete(config.app_name)
         bulk_results = bench_bulk(model, texts)
-        return [handle, over_http, short_http, latency, *bulk_results]
+        return [handle, over_http, short_http, latency, *chunking, *bulk_results]
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def bench_chunks(url: str, model: ModelConfig, documents: list[str], repeats: int) -> list[Result]:
+    """Late chunking (``/embed_chunks``, each document encoded once) against ``/embed`` on the same chunks
+    cut client-side (each embedded alone), over HTTP on the long documents: texts/s here are chunks/s."""
+    def late_chunking() -> list:
+        return asyncio.run(_http_run(url, documents, "/embed_chunks", per_request=DOCUMENTS_PER_REQUEST,
+                                     chunk_size=CHUNK_SIZE))
+
+    answers = late_chunking()
+    chunk_texts = [c["text"] for answer in answers for entry in answer["data"] for c in entry["chunks"]]
+    document_wordpieces = sum(answer["usage"]["prompt_tokens"] for answer in answers)
+    chunk_wordpieces = int(load_indexer(model).fold(chunk_texts).num_wordpieces.sum())
+    late = Result(f"late chunking: /embed_chunks ({CHUNK_SIZE}-wordpiece chunks)", len(chunk_texts),
+                  _timed(late_chunking, repeats), document_wordpieces,
+                  note=f"long documents, {DOCUMENTS_PER_REQUEST} a request; texts = chunks", compare=False)
+    alone = Result("chunks cut client-side, /embed each alone", len(chunk_texts),
+                   _timed(lambda: asyncio.run(_http_run(url, chunk_texts)), repeats), chunk_wordpieces,
+                   note="the same chunks' texts", compare=False)
+    return [late, alone]
 
 
 def bench_bulk(model: ModelConfig, texts: list[str], copies: int = BULK_COPIES) -> list[Result]:
@@ -301,7 +328,7 @@ def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_r
     rows = []
     for result in results:
         row = asdict(result) | {"texts_per_s": result.texts_per_s, "wordpieces_per_s": result.wordpieces_per_s}
-        if result.seconds and result.wordpieces:
+        if result.seconds and result.wordpieces and result.compare:
             # wordpieces/s: the same as texts/s on the same texts, and fair to bulk's steady part
             reference = short_limit if result.short_only else limit
             row["ratio_to_limit"] = result.wordpieces_per_s / reference.wordpieces_per_s

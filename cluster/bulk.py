@@ -78,15 +78,16 @@ def _one_row_per_chunk(table: pa.Table, counts: np.ndarray, starts: list[int | N
 
 
 def _chunk_columns(texts: list[Any], tables: list[np.ndarray | None]) -> tuple[np.ndarray, list, list, list]:
-    """Per chunk row: start, end and text (``None`` for a document without chunks), and chunks per document."""
+    """Chunks per document, and per chunk row its start, end and text (one row of ``None`` for a
+    document without chunks)."""
     counts = np.array([0 if t is None else len(t) for t in tables], dtype=np.int64)
-    starts, ends, pieces = [], [], []
+    rows: list[tuple] = []
     for text, chunks in zip(texts, tables):
         if chunks is None or not len(chunks):
-            starts.append(None), ends.append(None), pieces.append(None)
-            continue
-        for start, end in chunks[:, :2].tolist():
-            starts.append(start), ends.append(end), pieces.append(text[start:end])
+            rows.append((None, None, None))
+        else:
+            rows.extend((start, end, text[start:end]) for start, end in chunks[:, :2].tolist())
+    starts, ends, pieces = (list(column) for column in zip(*rows)) if rows else ([], [], [])
     return counts, starts, ends, pieces
 
 

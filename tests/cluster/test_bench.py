@@ -18,7 +18,7 @@ def test_bench_quick(tmp_path):
     report = json.loads(report_file.read_text())
     names = [row["name"] for row in report["results"]]
     for expected in ("limit: encode_folded", "naive", "sentence-transformers", "via handle", "over HTTP",
-                     "latency", "bulk"):
+                     "latency", "late chunking", "cut client-side", "bulk"):
         assert any(expected in name for name in names), (expected, names)
     for row in report["results"]:
         if row["extra"]:
