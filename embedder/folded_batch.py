@@ -7,7 +7,7 @@ concatenated into one id array; per-input metadata says how to unfold them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,11 +107,7 @@ class FoldedBatch:
             raise ValueError("batches come from tokenizers with different special tokens")
         if len(batches) == 1:
             return first
-        with_types = any(b.type_ids is not None for b in batches)
-        with_words = all(b.has_words for b in batches)
         with_pieces = all(b.wordpieces is not None for b in batches)
-        with_prompts = any(b.prompt_lengths is not None for b in batches)
-        with_chunks = all(b.has_chunks for b in batches)
         return cls(
             token_ids=np.concatenate([b.token_ids for b in batches]),
             segment_lengths=np.concatenate([b.segment_lengths for b in batches]),
@@ -119,18 +115,22 @@ class FoldedBatch:
             num_wordpieces=np.concatenate([b.num_wordpieces for b in batches]),
             num_start_tokens=first.num_start_tokens,
             num_end_tokens=first.num_end_tokens,
-            type_ids=np.concatenate([
-                b.type_ids if b.type_ids is not None else np.zeros_like(b.token_ids, dtype=np.int32)
-                for b in batches
-            ]) if with_types else None,
-            word_offsets=np.concatenate([b.word_offsets for b in batches]) if with_words else None,
-            words_per_input=np.concatenate([b.words_per_input for b in batches]) if with_words else None,
+            type_ids=_joined(batches, "type_ids", lambda b: np.zeros_like(b.token_ids, dtype=np.int32)),
+            word_offsets=_joined(batches, "word_offsets"),
+            words_per_input=_joined(batches, "words_per_input"),
             wordpieces=[p for b in batches for p in b.wordpieces] if with_pieces else None,
-            prompt_lengths=np.concatenate([
-                b.prompt_lengths if b.prompt_lengths is not None else np.zeros(b.num_inputs, dtype=np.int32)
-                for b in batches
-            ]) if with_prompts else None,
-            chunk_spans=np.concatenate([b.chunk_spans for b in batches]) if with_chunks else None,
-            chunk_char_spans=np.concatenate([b.chunk_char_spans for b in batches]) if with_chunks else None,
-            chunks_per_input=np.concatenate([b.chunks_per_input for b in batches]) if with_chunks else None,
+            prompt_lengths=_joined(batches, "prompt_lengths", lambda b: np.zeros(b.num_inputs, dtype=np.int32)),
+            chunk_spans=_joined(batches, "chunk_spans"),
+            chunk_char_spans=_joined(batches, "chunk_char_spans"),
+            chunks_per_input=_joined(batches, "chunks_per_input"),
         )
+
+
+def _joined(batches: Sequence[FoldedBatch], name: str,
+            filler: Callable[[FoldedBatch], np.ndarray] | None = None) -> np.ndarray | None:
+    """One field of every batch, concatenated. A batch without it gets ``filler``'s array (the
+    field's neutral value), or without a filler the joined batch has none either."""
+    parts = [getattr(batch, name) for batch in batches]
+    if all(part is None for part in parts) or (filler is None and any(part is None for part in parts)):
+        return None
+    return np.concatenate([part if part is not None else filler(batch) for part, batch in zip(parts, batches)])
