@@ -16,6 +16,7 @@ rows in the tokenize stage and embeds each chunk's text alone.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ _CHUNK_CHARS = "__chunk_chars"
 _INTERNAL = (_TOKEN_IDS, _SEGMENT_LENGTHS, _PROMPT_LENGTH, _CHUNK_SPANS, _CHUNK_CHARS)
 CHUNK_INDEX, CHUNK_START, CHUNK_END, CHUNK_TEXT = "chunk_index", "chunk_start", "chunk_end", "chunk_text"
 NO_TOKENS = "text has no tokens"
+BULK_WEIGHTS_USER = "bulk-{}/"
 
 
 @dataclass(frozen=True)
@@ -208,9 +210,9 @@ class EncodeStage:
     late chunking, one row per chunk."""
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | list[str] | None,
-                 normalize: bool | None, threads: int | None, text_column: str = "text",
+                 normalize: bool | None, threads: int | None, weights_user: str, text_column: str = "text",
                  chunking: Chunking | None = None) -> None:
-        encoder, _ = load_encoder(model, threads)
+        encoder, _ = load_encoder(model, threads, user=weights_user)
         self._embedder, self._head = encoder.embedder, encoder.head
         self._pooling = pooling
         self._normalize = normalize
@@ -314,6 +316,7 @@ def embed_dataset(
     prompt_name: str | None = None,
     prompt: str | None = None,
     chunks: Chunking | None = None,
+    weights_user: str | None = None,
     batch_size: int = 256,
     tokenize_actors: int | None = None,
     encode_actors: int | None = None,
@@ -327,7 +330,9 @@ def embed_dataset(
     texts are folded, never truncated unless ``truncate``. ``prompt_name`` / ``prompt``
     choose a prompt as on ``/embed`` (the model's default prompt when neither is given).
     ``chunks`` gives one row per chunk of each document (see ``Chunking``) with the chunk
-    columns; late chunking needs a model that mean-pools (or ``pooling="mean"``).
+    columns; late chunking needs a model that mean-pools (or ``pooling="mean"``). The encode
+    actors hold the model's weights in the cluster's weight store as ``weights_user`` (default:
+    a new ``bulk-<id>/`` name); ``deployments.weight_store.release_weights`` frees them.
     Pool sizes and CPU encoders' torch threads default from the resources free now.
     """
     if level not in ("pooled", "wordpiece"):
@@ -362,6 +367,8 @@ def embed_dataset(
         EncodeStage,
         fn_constructor_kwargs={"model": model, "output_column": output_column, "level": level,
                                "pooling": pooling, "normalize": normalize, "threads": encode_threads,
+                               "weights_user": f"{weights_user or BULK_WEIGHTS_USER.format(uuid.uuid4().hex[:8])}"
+                                               f"{model.name}",
                                "text_column": text_column, "chunking": chunks},
         batch_format="pyarrow",
         batch_size=batch_size,

@@ -22,9 +22,10 @@ import ray
 from ray.data import Dataset
 from tqdm import tqdm
 
-from cluster.bulk import CHUNK_INDEX, ERROR_COLUMN, TOKENS_COLUMN, BulkLevel, Chunking, embed_dataset
+from cluster.bulk import BULK_WEIGHTS_USER, CHUNK_INDEX, ERROR_COLUMN, TOKENS_COLUMN, BulkLevel, Chunking, embed_dataset
 from cluster.sources import IO_TASK_CPUS, expand_inputs, read_inputs
 from deployments.settings import ModelConfig
+from deployments.weight_store import release_weights
 
 logger = logging.getLogger(__name__)
 
@@ -159,22 +160,27 @@ def run_bulk_job(
                             batch_format="pyarrow", num_cpus=IO_TASK_CPUS)
     elif id_column is not None and id_column not in columns:
         raise KeyError(f"the input has no id column {id_column!r}; it has {columns}")
-    embedded = embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
-                             prompt_name=prompt_name, prompt=prompt, chunks=chunks, batch_size=batch_size,
-                             encode_actors=encode_actors)
     run_id = uuid.uuid4().hex[:8]
+    weights_user = BULK_WEIGHTS_USER.format(run_id)
+    embedded = embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
+                             prompt_name=prompt_name, prompt=prompt, chunks=chunks, weights_user=weights_user,
+                             batch_size=batch_size, encode_actors=encode_actors)
     pending: pa.Table | None = None
     parts = 0
-    with tqdm(total=summary.rows_in, initial=summary.rows_out, unit="rows", disable=not show_progress,
-              desc="embedding", dynamic_ncols=True) as progress:
-        for table in embedded.iter_batches(batch_size=min(batch_size, rows_per_part), batch_format="pyarrow"):
-            pending = table if pending is None else pa.concat_tables([pending, table], promote_options="permissive")
-            progress.update(len(_document_starts(table)))
-            while (cut := _part_end(pending, rows_per_part)) is not None:
-                _write_part(output, run_id, parts, pending.slice(0, cut), summary)
-                pending = pending.slice(cut)
-                parts += 1
-        if pending is not None and pending.num_rows:
-            _write_part(output, run_id, parts, pending, summary)
+    try:
+        with tqdm(total=summary.rows_in, initial=summary.rows_out, unit="rows", disable=not show_progress,
+                  desc="embedding", dynamic_ncols=True) as progress:
+            for table in embedded.iter_batches(batch_size=min(batch_size, rows_per_part), batch_format="pyarrow"):
+                pending = table if pending is None else pa.concat_tables([pending, table],
+                                                                         promote_options="permissive")
+                progress.update(len(_document_starts(table)))
+                while (cut := _part_end(pending, rows_per_part)) is not None:
+                    _write_part(output, run_id, parts, pending.slice(0, cut), summary)
+                    pending = pending.slice(cut)
+                    parts += 1
+            if pending is not None and pending.num_rows:
+                _write_part(output, run_id, parts, pending, summary)
+    finally:
+        release_weights(weights_user)
     summary.seconds = time.monotonic() - started
     return summary

@@ -28,7 +28,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from deployments.weight_store import kill_weight_store
+    from deployments.weight_store import release_weights
 
     try:
         config = _config_from_args(args).resolved()
@@ -58,7 +58,7 @@ def serve_command(args: argparse.Namespace) -> int:
         # shutdown); serve.shutdown alone would stop the HTTP proxy under them
         serve.delete(config.app_name)
         if joined:
-            kill_weight_store()
+            release_weights(f"{config.app_name}/")
         else:
             serve.shutdown()
         ray.shutdown()

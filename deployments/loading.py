@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
+from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from deployments.settings import ModelConfig
 from deployments.weight_store import load_shared
@@ -18,13 +22,24 @@ def load_indexer(model: ModelConfig) -> PretrainedTransformerIndexer:
     return model.sentence_settings().indexer()
 
 
-def load_encoder(model: ModelConfig, threads: int | None = None) -> tuple[SentenceEncoder, str]:
+def weights_user(model: ModelConfig) -> str:
+    """Who holds a model's weights in the store: the Serve deployment this process is a replica of,
+    else this process."""
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:
+        return f"process-{os.getpid()}/{model.name}"
+    return f"{context.app_name}/{context.deployment}"
+
+
+def load_encoder(model: ModelConfig, threads: int | None = None,
+                 user: str | None = None) -> tuple[SentenceEncoder, str]:
     """The frozen sentence encoder (transformer and pooling head) on its device (CUDA when this
     process sees a GPU) in its dtype, and where its weights came from (``"store"``, ``"disk"``,
     ``"disk, no store"``).
 
     With ``share_weights`` and Ray running, the weights come through the cluster's
-    weight store. On CPU, torch uses ``threads`` threads (default: the model's
+    weight store, held by ``user`` (default: ``weights_user``). On CPU, torch uses ``threads`` threads (default: the model's
     ``torch_threads``, else its ``num_cpus``), so that replicas sharing a machine do
     not oversubscribe its cores.
     """
@@ -36,7 +51,7 @@ def load_encoder(model: ModelConfig, threads: int | None = None) -> tuple[Senten
     if model.share_weights and ray.is_initialized():
         spec = model.sentence_settings().transformer_spec(dtype, model.override_weights_file,
                                                           model.override_weights_strip_prefix)
-        shared, source = load_shared(spec, lambda: cached_model(spec))
+        shared, source = load_shared(spec, lambda: cached_model(spec), user or weights_user(model))
         put_model(spec, shared)
     encoder = SentenceEncoder(
         model.model_name,

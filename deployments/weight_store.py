@@ -1,16 +1,21 @@
 """The weight store: one named, detached actor per cluster that keeps each model's
-weights once in Ray's object store, keyed by the embedder cache's key.
+weights once in Ray's object store, keyed by the embedder cache's key and the
+weight files' fingerprint (so retrained weights in the same folder are a new key).
 
 An encoder asks it first: on a hit it maps the arrays (zero-copy on the same
 node; one copy per node otherwise) into a model built from the config, so a
 replica the autoscaler adds never reads and parses weight files again, and CPU
-replicas on a node share one copy of the weights. On a miss it loads from
-disk, publishes, and then maps the published copy too. Without a store (it
-died, or Ray is not running) replicas load from disk, with a warning.
+replicas on a node share one copy of the weights. On a miss the first replica
+loads from disk and publishes while the others wait for it (bounded), so replicas
+starting together read the files once. Every user (a deployment, or a bulk job)
+holds one key: when a redeployed model moves to another key, or a user is
+released, keys nobody holds are dropped. Without a store (it died, or Ray is not
+running) replicas load from disk, with a warning.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -19,41 +24,88 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from transformers import PreTrainedModel
 
 from embedder.cache import ModelSpec
-from embedder.shared_weights import WeightArrays, export_weights, model_from_weights
+from embedder.shared_weights import export_weights, model_from_weights
+from embedder.weights import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 STORE_NAME = "embedding-cluster-weight-store"
 STORE_NAMESPACE = "embedding-cluster"
 CALL_TIMEOUT_S = 120.0
+#: How long a replica waits for another one that is loading the same weights, before loading them itself.
+LOAD_WAIT_S = 300.0
 
 
 @ray.remote(num_cpus=0)
 class WeightStore:
-    """Holds an object reference per cache key. It puts the weights itself, so it owns
-    them and they outlive the replica that published them."""
+    """Holds an object reference per key, and which user holds which key. The weights are put
+    with the store as their owner, so they outlive the replica that published them."""
 
     def __init__(self) -> None:
         self._refs: dict[str, ray.ObjectRef] = {}
+        self._loading: dict[str, asyncio.Event] = {}
+        self._held: dict[str, str] = {}  # user -> key
 
-    def get(self, key: str) -> list[ray.ObjectRef]:
-        """``[ref]`` on a hit (in a list, so that Ray hands over the reference, not the arrays), else ``[]``."""
-        ref = self._refs.get(key)
-        return [ref] if ref is not None else []
+    async def acquire(self, key: str, user: str, wait_s: float) -> list[ray.ObjectRef]:
+        """``user`` now holds ``key`` (its earlier key is dropped if nobody else holds it).
+        ``[ref]`` when the weights are here (in a list, so that Ray hands over the reference, not
+        the arrays), after waiting up to ``wait_s`` for another user loading them; ``[]`` when the
+        caller is to load them (it then calls ``publish``, or ``abandon`` if it fails)."""
+        previous = self._held.get(user)
+        self._held[user] = key
+        if previous is not None and previous != key:
+            self._drop_unheld(previous)
+        if key not in self._refs and key in self._loading:
+            try:
+                await asyncio.wait_for(self._loading[key].wait(), timeout=wait_s)
+            except asyncio.TimeoutError:
+                return []
+        if key in self._refs:
+            return [self._refs[key]]
+        self._loading[key] = asyncio.Event()
+        return []
 
-    def publish(self, key: str, weights: WeightArrays) -> list[ray.ObjectRef]:
-        """Keep ``weights`` under ``key`` unless another replica was first; the stored reference."""
+    async def publish(self, key: str, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Keep a copy of ``refs[0]``, owned by the store, under ``key`` unless another user was first;
+        the stored reference. (The publisher's own object goes when it drops it: Ray 2.56 removed
+        ``ray.put(_owner=...)``, so the store must copy to own the weights.)"""
         if key not in self._refs:
-            self._refs[key] = ray.put(weights)
+            self._refs[key] = ray.put(await refs[0])
+        self._wake(key)
         return [self._refs[key]]
 
-    def keys(self) -> list[str]:
+    async def abandon(self, key: str) -> None:
+        """The user loading ``key`` failed: let the waiting ones load it themselves."""
+        self._wake(key)
+
+    async def release(self, prefix: str) -> int:
+        """Forget every user whose name starts with ``prefix`` and drop the keys nobody holds now;
+        the number of keys left."""
+        for user in [u for u in self._held if u.startswith(prefix)]:
+            key = self._held.pop(user)
+            self._drop_unheld(key)
+        return len(self._refs)
+
+    async def keys(self) -> list[str]:
         return sorted(self._refs)
+
+    async def holders(self) -> dict[str, str]:
+        return dict(self._held)
+
+    def _wake(self, key: str) -> None:
+        event = self._loading.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def _drop_unheld(self, key: str) -> None:
+        if key not in self._held.values():
+            self._refs.pop(key, None)
 
 
 def store_key(spec: ModelSpec) -> str:
-    """The store's key: the embedder cache key, spelled out (every field that changes the weights)."""
-    return repr(spec)
+    """The store's key: the embedder cache key spelled out (every field that changes the weights),
+    and the fingerprint of the files the weights come from."""
+    return f"{spec!r}#{weights_fingerprint(spec.model_name, spec.override_weights_file)}"
 
 
 def weight_store() -> ray.actor.ActorHandle:
@@ -62,36 +114,53 @@ def weight_store() -> ray.actor.ActorHandle:
                                get_if_exists=True).remote()
 
 
-def kill_weight_store() -> None:
-    """Drop the store and the weights it holds (the CLI does this when it stops its app)."""
+def release_weights(prefix: str) -> None:
+    """Release the users named ``prefix...`` (an app's deployments, a bulk job); remove the store
+    when nobody holds any weights any more."""
     try:
-        ray.kill(ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE))
+        store = ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE)
     except ValueError:
-        pass
+        return
+    try:
+        if ray.get(store.release.remote(prefix), timeout=CALL_TIMEOUT_S) == 0:
+            ray.kill(store)
+    except (RayActorError, GetTimeoutError) as error:
+        logger.warning("could not release the weights of %s (%s)", prefix, error)
 
 
-def _shared(weights: WeightArrays, spec: ModelSpec) -> PreTrainedModel:
+def _shared(ref: ray.ObjectRef, spec: ModelSpec) -> PreTrainedModel:
+    weights = ray.get(ref, timeout=CALL_TIMEOUT_S)
     if weights.spec != spec:
         raise ValueError(f"the store answered {weights.spec} for {spec}")
-    return model_from_weights(weights)
+    model = model_from_weights(weights)
+    model.shared_weights_ref = ref  # borrowed: the arrays stay alive even once the store drops the key
+    return model
 
 
-def load_shared(spec: ModelSpec, load: Callable[[], PreTrainedModel]) -> tuple[PreTrainedModel, str]:
+def load_shared(spec: ModelSpec, load: Callable[[], PreTrainedModel], user: str) -> tuple[PreTrainedModel, str]:
     """The model of ``spec`` and where its weights came from: ``"store"`` (mapped from the
-    object store), ``"disk"`` (loaded, published, then mapped) or ``"disk, no store"``."""
+    object store), ``"disk"`` (loaded, published, then mapped) or ``"disk, no store"``.
+    ``user`` names who holds the weights (an app's deployment, a bulk job)."""
     key = store_key(spec)
     try:
         store = weight_store()
-        found = ray.get(store.get.remote(key), timeout=CALL_TIMEOUT_S)
+        found = ray.get(store.acquire.remote(key, user, LOAD_WAIT_S), timeout=LOAD_WAIT_S + CALL_TIMEOUT_S)
         if found:
-            return _shared(ray.get(found[0], timeout=CALL_TIMEOUT_S), spec), "store"
+            return _shared(found[0], spec), "store"
     except (RayActorError, GetTimeoutError, ValueError) as error:
         logger.warning("weight store unusable for %s (%s); loading from disk", spec.model_name, error)
         return load(), "disk, no store"
-    model = load()
     try:
-        published = ray.get(store.publish.remote(key, export_weights(spec, model)), timeout=CALL_TIMEOUT_S)
-        return _shared(ray.get(published[0], timeout=CALL_TIMEOUT_S), spec), "disk"
+        model = load()
+    except BaseException:
+        store.abandon.remote(key)
+        raise
+    try:
+        own = ray.put(export_weights(spec, model))
+        published = ray.get(store.publish.remote(key, [own]), timeout=CALL_TIMEOUT_S)
+        del own  # the store's copy is the one kept: only one copy stays in the object store
+        return _shared(published[0], spec), "disk"
     except (RayActorError, GetTimeoutError, ValueError) as error:
+        store.abandon.remote(key)
         logger.warning("could not share the weights of %s (%s)", spec.model_name, error)
         return model, "disk, no store"

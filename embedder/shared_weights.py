@@ -11,7 +11,7 @@ numpy dtype, so its raw bits travel as int16 and come back bit for bit.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,11 +24,14 @@ _RAW_BITS = {torch.bfloat16: torch.int16}
 
 @dataclass
 class WeightArrays:
-    """A model's tensors (parameters and buffers, by name) as numpy arrays, for one cache key."""
+    """A model's tensors (parameters and buffers, by name) as numpy arrays, for one cache key.
+    A tied tensor (one tensor under several names) is stored once; ``aliases`` maps its other
+    names to the stored one."""
 
     spec: ModelSpec
     arrays: dict[str, np.ndarray]
     dtypes: dict[str, str]
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -36,15 +39,21 @@ class WeightArrays:
 
 
 def export_weights(spec: ModelSpec, model: PreTrainedModel) -> WeightArrays:
-    """Every parameter and buffer of ``model`` as numpy arrays (views of the CPU tensors where possible)."""
-    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
-    arrays, dtypes = {}, {}
-    for name, tensor in tensors.items():
+    """Every parameter and buffer of ``model`` as numpy arrays (views of the CPU tensors where
+    possible), each tensor once however many names it has."""
+    arrays, dtypes, aliases = {}, {}, {}
+    names_by_tensor: dict[int, str] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        if id(tensor) in names_by_tensor:
+            aliases[name] = names_by_tensor[id(tensor)]
+            continue
+        names_by_tensor[id(tensor)] = name
         tensor = tensor.detach().cpu().contiguous()
         dtypes[name] = str(tensor.dtype).removeprefix("torch.")
         raw = _RAW_BITS.get(tensor.dtype)
         arrays[name] = (tensor.view(raw) if raw is not None else tensor).numpy()
-    return WeightArrays(spec=spec, arrays=arrays, dtypes=dtypes)
+    return WeightArrays(spec=spec, arrays=arrays, dtypes=dtypes, aliases=aliases)
 
 
 def _tensor(array: np.ndarray, dtype_name: str) -> torch.Tensor:
@@ -57,7 +66,8 @@ def _tensor(array: np.ndarray, dtype_name: str) -> torch.Tensor:
 
 
 def model_from_weights(weights: WeightArrays) -> PreTrainedModel:
-    """The model of ``weights.spec`` built from its config, its tensors sharing the arrays' memory.
+    """The model of ``weights.spec`` built from its config, its tensors sharing the arrays' memory
+    (tied tensors stay one tensor).
 
     Raises ``ValueError`` when the arrays do not cover every parameter and buffer
     of the model the config builds.
@@ -66,17 +76,23 @@ def model_from_weights(weights: WeightArrays) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(spec.model_name, **dict(spec.load_kwargs))
     with torch.device("meta"):
         model = model_from_config(spec, config, dtype=spec.torch_dtype)
-    expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    expected |= {name for name, _ in model.named_buffers()}
-    if missing := expected - set(weights.arrays):
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    if missing := {n for n in parameters | buffers if weights.aliases.get(n, n) not in weights.arrays}:
         raise ValueError(f"the shared weights of {spec.model_name} lack {sorted(missing)[:5]}")
-    for name in expected:
+    tensors: dict[str, torch.Tensor] = {}
+
+    def tensor(name: str) -> torch.Tensor:
+        stored = weights.aliases.get(name, name)
+        if stored not in tensors:
+            value = _tensor(weights.arrays[stored], weights.dtypes[stored])
+            tensors[stored] = torch.nn.Parameter(value, requires_grad=False) if stored in parameters else value
+        return tensors[stored]
+
+    state = model.state_dict(keep_vars=True)
+    model.load_state_dict({name: tensor(name) for name in state}, strict=True, assign=True)
+    for name in buffers - set(state):  # non-persistent buffers are not in the state dict
         module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        tensor = _tensor(weights.arrays[name], weights.dtypes[name])
-        if leaf in module._parameters:
-            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-        else:
-            module._buffers[leaf] = tensor
+        model.get_submodule(module_name).register_buffer(leaf, tensor(name), persistent=False)
     model.eval()
     return model

@@ -1,12 +1,15 @@
-"""Reading override weight files safely (safetensors, or torch files with ``weights_only``)."""
+"""Reading weight files safely (safetensors, or torch files with ``weights_only``), and telling
+one version of a model's files from another."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers.utils import cached_file
 
 logger = logging.getLogger(__name__)
 
@@ -33,3 +36,25 @@ def load_weights_file(path: str | Path, strip_prefix: str | None = None) -> dict
         )
     logger.info("Loading %d tensors from %s", len(stripped), path)
     return stripped
+
+
+#: What a model's weights (and the architecture they fill) are read from.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+
+def weights_fingerprint(model_name: str | Path, override_weights_file: str | Path | None = None) -> str:
+    """A short digest of the name, size and modification time of every weight file and
+    ``config.json`` of a model (a local folder, or a hub snapshot through the hub cache), and
+    of an override file: it changes when the files are replaced, e.g. after retraining into the
+    same folder, so caches keyed by it never hand out stale weights."""
+    config = cached_file(str(model_name), "config.json")
+    folder = Path(config).parent
+    files = [path for path in sorted(folder.rglob("*"))
+             if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name == "config.json")]
+    if override_weights_file is not None:
+        files.append(Path(override_weights_file))
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cluster.config import ClusterConfig, ModelConfig
+from deployments.weight_store import release_weights
 from st_folders import LONG_TEXTS, SETUPS, TEXTS
 
 SETUP_NAMES = [spec.name for spec in SETUPS]
@@ -35,6 +36,7 @@ def st_url(serve_cluster, st_folders) -> str:
         yield serve_cluster.url + ROUTE_PREFIX
     finally:
         serve.delete(APP_NAME)
+        release_weights(f"{APP_NAME}/")
 
 
 @pytest.fixture(scope="module")

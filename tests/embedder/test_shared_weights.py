@@ -1,14 +1,17 @@
-"""Weights as numpy arrays and back: bit-exact, zero-copy, and complete."""
+"""Weights as numpy arrays and back: bit-exact, zero-copy, complete, ties kept; the files' fingerprint."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, T5EncoderModel
 
 from embedder.cache import ModelSpec
 from embedder.shared_weights import export_weights, model_from_weights
+from embedder.weights import weights_fingerprint
 
 
 def _outputs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -54,5 +57,35 @@ def test_export_covers_every_tensor_without_copying(tiny_bert_path):
     model = AutoModel.from_pretrained(tiny_bert_path)
     weights = export_weights(spec, model)
     assert set(model.state_dict()) <= set(weights.arrays)
-    assert weights.nbytes == sum(a.nbytes for a in weights.arrays.values()) > 0
+    assert weights.nbytes == sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
     assert np.shares_memory(weights.arrays["pooler.dense.weight"], model.pooler.dense.weight.detach().numpy())
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(tiny_t5_path):
+    spec = ModelSpec.create(tiny_t5_path, dtype="float32", model_class="T5EncoderModel")
+    original = T5EncoderModel.from_pretrained(tiny_t5_path).eval()
+    assert original.shared.weight is original.encoder.embed_tokens.weight
+    weights = export_weights(spec, original)
+    assert weights.aliases == {"encoder.embed_tokens.weight": "shared.weight"}
+    assert "encoder.embed_tokens.weight" not in weights.arrays
+    rebuilt = model_from_weights(weights)
+    assert rebuilt.shared.weight is rebuilt.encoder.embed_tokens.weight
+    assert rebuilt.shared.weight.data_ptr() == weights.arrays["shared.weight"].__array_interface__["data"][0]
+    ids = torch.tensor([[3, 5, 7, 1]])
+    assert torch.equal(_outputs(rebuilt, ids), _outputs(original, ids))
+
+
+def test_fingerprint_follows_the_files(tmp_path, tiny_bert_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert_path, folder)
+    first = weights_fingerprint(folder)
+    assert weights_fingerprint(folder) == first
+    (folder / "vocab.txt").write_text("changed")  # not a weight file
+    assert weights_fingerprint(folder) == first
+    AutoModel.from_pretrained(folder).save_pretrained(folder)  # retrained into the same folder
+    second = weights_fingerprint(folder)
+    assert second != first
+    override = tmp_path / "override.safetensors"
+    override.write_bytes(b"x")
+    assert weights_fingerprint(folder, override) not in (first, second)
