@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-import os
 from ray.serve import Application
 
 from cluster.config import ClusterConfig, load_config
 from deployments.encoder import Encoder
-from deployments.ingress import Ingress, deployment_name
+from deployments.ingress import Ingress
+from deployments.settings import deployment_name
 from deployments.tokenizer import Tokenizer
-
-API_KEY_ENV = "EMBEDDING_CLUSTER_API_KEY"
 
 
 def build_app(config: ClusterConfig | None = None) -> Application:
@@ -22,9 +20,7 @@ def build_app(config: ClusterConfig | None = None) -> Application:
 
     Each model's folder is read here (``ClusterConfig.resolved``), so a model that cannot be
     served stops the deployment with its reason before any replica starts."""
-    config = (config or ClusterConfig()).resolved()
-    if config.api_key is None and os.environ.get(API_KEY_ENV):
-        config = config.model_copy(update={"api_key": os.environ[API_KEY_ENV]})
+    config = (config or ClusterConfig()).resolved().with_api_key()
     tokenizer = Tokenizer.options(**config.tokenizer.deployment_options()).bind(config.models, config.limits)
     encoders = {
         model.name: Encoder.options(name=deployment_name(model.name), **model.deployment_options()).bind(model)

@@ -28,7 +28,8 @@ from ray.data import ActorPoolStrategy, Dataset
 from cluster.config import ClusterConfig
 from deployments.loading import load_encoder, load_indexer
 from deployments.settings import ModelConfig
-from embedder.chunking import DEFAULT_CHUNK_SIZE, check_chunking
+from deployments.validation import text_problem
+from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE, ChunkContext, check_chunking
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import encode_folded
 from embedder.sentence_pooling import check_pooling_modes
@@ -57,12 +58,12 @@ class Chunking:
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
     chunk_overlap: int = 0
-    context: Literal["document", "chunk"] = "document"
+    context: ChunkContext = "document"
 
     def __post_init__(self) -> None:
         check_chunking(self.chunk_size, self.chunk_overlap)
-        if self.context not in ("document", "chunk"):
-            raise ValueError(f"context must be 'document' or 'chunk', not {self.context!r}")
+        if self.context not in CHUNK_CONTEXTS:
+            raise ValueError(f"context must be one of {CHUNK_CONTEXTS}, not {self.context!r}")
 
 
 def _one_row_per_chunk(table: pa.Table, counts: np.ndarray, starts: list[int | None], ends: list[int | None],
@@ -93,15 +94,10 @@ def _chunk_columns(texts: list[Any], tables: list[np.ndarray | None]) -> tuple[n
     return counts, starts, ends, pieces
 
 
-def text_problem(value: Any) -> str | None:
-    """Why a value cannot be embedded, or ``None`` when it can."""
-    if value is None:
-        return "text is null"
-    if not isinstance(value, str):
-        return f"text is {type(value).__name__}, not a string"
-    if not value.strip():
-        return "text is empty"
-    return None
+def row_problem(value: Any) -> str | None:
+    """Why a row's text cannot be embedded (the serving path's rule), or ``None``."""
+    problem = text_problem(value)
+    return None if problem is None else f"text {problem}"
 
 
 class TokenizeStage:
@@ -122,7 +118,7 @@ class TokenizeStage:
         texts = table.column(self._text_column).to_pylist()
         earlier = (table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names
                    else [None] * len(texts))
-        problems = [before or text_problem(t) for before, t in zip(earlier, texts)]
+        problems = [before or row_problem(t) for before, t in zip(earlier, texts)]
         if ERROR_COLUMN in table.column_names:
             table = table.drop_columns([ERROR_COLUMN])
         if self._chunking is not None and self._chunking.context == "chunk":

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from cluster.config import ClusterConfig, load_config
+from deployments.errors import ModelLoadError
 
 logger = logging.getLogger("embedding_cluster")
 
@@ -18,8 +19,20 @@ logger = logging.getLogger("embedding_cluster")
 def _config_from_args(args: argparse.Namespace) -> ClusterConfig:
     config = load_config(args.config)
     http = config.http.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
-    api_key = args.api_key or os.environ.get("EMBEDDING_CLUSTER_API_KEY") or config.api_key
-    return config.model_copy(update={"http": http, "api_key": api_key})
+    return config.model_copy(update={"http": http}).with_api_key(args.api_key)
+
+
+def deploy_failure(app_name: str, error: Exception) -> str:
+    """One line that says why an app failed to deploy: a replica's ``ModelLoadError`` out of its
+    deployment's status (which carries the replica's traceback), else Serve's message."""
+    from ray import serve
+
+    marker = f"{ModelLoadError.__name__}: "
+    application = serve.status().applications.get(app_name)
+    for deployment in (application.deployments.values() if application else ()):
+        if marker in deployment.message:
+            return deployment.message[deployment.message.rindex(marker) + len(marker):].splitlines()[0]
+    return str(error).splitlines()[0]
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -48,7 +61,11 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": config.http.host, "port": config.http.port})
         logger.info("deploying %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+        try:
+            serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+        except RuntimeError as error:
+            print(f"embedding-cluster serve: {deploy_failure(config.app_name, error)}", file=sys.stderr, flush=True)
+            return 2
         print(f"embedding-cluster ready: http://{config.http.host}:{config.http.port} "
               f"(docs at /docs; Ctrl-C to stop)", flush=True)
         stop.wait()

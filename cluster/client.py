@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +11,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentResponse
 
-from deployments.errors import EmbeddingRequestError
-from deployments.ingress import cause_of
+from deployments.errors import EmbeddingRequestError, cause_of
 
 
 def _raise_cause(error: BaseException) -> None:
@@ -46,28 +46,35 @@ class EmbeddingClient:
     """Calls a running cluster's app by handle: no HTTP, no JSON, numpy in and out.
 
     Joins the Ray cluster at ``address`` (default: the one this machine runs,
-    ``"auto"``) unless this process is connected already.
+    ``"auto"``) unless this process is connected already. ``timeout_s`` bounds every
+    call (``TimeoutError`` past it; ``None``: no bound).
     """
 
-    def __init__(self, address: str | None = None, app_name: str = "embeddings") -> None:
+    def __init__(self, address: str | None = None, app_name: str = "embeddings",
+                 timeout_s: float | None = None) -> None:
         if not ray.is_initialized():
             ray.init(address=address or "auto", log_to_driver=False)
         self._handle = serve.get_app_handle(app_name)
+        self._timeout_s = timeout_s
 
     def _call(self, method: str, **kwargs: Any) -> DeploymentResponse:
         return getattr(self._handle, method).remote(**kwargs)
 
-    @staticmethod
-    def _result(response: DeploymentResponse) -> Any:
+    def _result(self, response: DeploymentResponse) -> Any:
         try:
-            return response.result()
+            return response.result(timeout_s=self._timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"the cluster did not answer within {self._timeout_s} s") from None
         except Exception as error:
             _raise_cause(error)
 
-    @staticmethod
-    async def _aresult(response: DeploymentResponse) -> Any:
+    async def _aresult(self, response: DeploymentResponse) -> Any:
         try:
-            return await response
+            return await asyncio.wait_for(response, timeout=self._timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"the cluster did not answer within {self._timeout_s} s") from None
         except Exception as error:
             _raise_cause(error)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from deployments.settings import (
     ServingSettings,
     TokenizerSettings,
 )
+
+API_KEY_ENV = "EMBEDDING_CLUSTER_API_KEY"
 
 __all__ = ["ClusterConfig", "HTTPConfig", "IngressSettings", "LimitsSettings", "ModelConfig",
            "TokenizerSettings", "load_config"]
@@ -41,7 +44,9 @@ class ClusterConfig(BaseModel):
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' on every route "
-                                                  "but /health (also EMBEDDING_CLUSTER_API_KEY).")
+                                                  "but /health and /ready. The environment's "
+                                                  "EMBEDDING_CLUSTER_API_KEY overrides it, and serve's "
+                                                  "--api-key overrides both.")
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()])
 
     @model_validator(mode="after")
@@ -52,6 +57,13 @@ class ClusterConfig(BaseModel):
     def serving(self) -> ServingSettings:
         """The part of the config the ingress needs."""
         return ServingSettings(models=self.models, limits=self.limits, ingress=self.ingress, api_key=self.api_key)
+
+    def with_api_key(self, flag: str | None = None) -> "ClusterConfig":
+        """The config with the API key that applies: ``flag`` (``serve --api-key``), else the
+        environment's ``EMBEDDING_CLUSTER_API_KEY``, else the config's own: one rule for ``serve``,
+        ``serve run``/``serve deploy`` and the app builder."""
+        api_key = flag or os.environ.get(API_KEY_ENV) or self.api_key
+        return self if api_key == self.api_key else self.model_copy(update={"api_key": api_key})
 
     def resolved(self) -> "ClusterConfig":
         """Every model with the settings its folder decides made explicit (``ModelConfig.resolved``);

@@ -12,6 +12,7 @@ import ray
 from ray.data import Dataset
 
 from cluster.bulk import ERROR_COLUMN
+from deployments.validation import text_problem
 
 #: CPUs a read or parse task asks for: light I/O work that must not wait behind the actor pools.
 IO_TASK_CPUS = 0.25
@@ -56,7 +57,7 @@ def parse_json_lines(table: pa.Table, text_column: str) -> pa.Table:
         text = record.get(text_column)
         if text is not None and not isinstance(text, str):
             record[text_column] = None
-            errors.append(f"text is {type(text).__name__}, not a string")
+            errors.append(f"text {text_problem(text)}")
         else:
             errors.append(None)
         records.append(record)

@@ -16,7 +16,7 @@ import torch
 from ray import serve
 
 from deployments.batcher import ContinuousBatcher, Queued
-from deployments.errors import BadRequestError
+from deployments.errors import BadRequestError, ModelLoadError
 from deployments.loading import load_encoder
 from deployments.metrics import EncoderMetrics
 from deployments.protocol import EncodeOptions, EncodeResult
@@ -53,7 +53,12 @@ class Encoder:
         # calls torch gets its own OpenMP team, and an idle team slows the busy one (one short
         # text on 2 cores: 6-8 ms on one thread, 14 ms once a second thread had run the model).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{model.name}")
-        self._encoder, self._weights_source = self._executor.submit(load_encoder, model).result()
+        try:
+            self._encoder, self._weights_source = self._executor.submit(load_encoder, model).result()
+        except Exception as error:
+            logger.exception("model %s (%s) could not be loaded", model.name, model.model_name)
+            raise ModelLoadError(f"model {model.name!r} ({model.model_name}) could not be loaded: "
+                                 f"{type(error).__name__}: {error}") from None
         self._embedder, self._head = self._encoder.embedder, self._encoder.head
         self._device = self._embedder.device
         self._metrics = EncoderMetrics(model.name)
@@ -124,11 +129,16 @@ class Encoder:
 
     async def _encode_batch(self, queued: list[Queued[_Request]]) -> list[EncodeResult]:
         started = time.monotonic()
-        for entry in queued:
-            self._metrics.queue_wait.observe(1000 * (started - entry.enqueued), tags=self._metrics.tags)
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
-        self._metrics.batch_latency.observe(1000 * (time.monotonic() - started), tags=self._metrics.tags)
+        inference_ms = 1000 * (time.monotonic() - started)
+        self._metrics.batch_latency.observe(inference_ms, tags=self._metrics.tags)
+        for entry, result in zip(queued, results):
+            queue_ms = 1000 * (started - entry.enqueued)
+            self._metrics.queue_wait.observe(queue_ms, tags=self._metrics.tags)
+            result.timings = {"queue_ms": queue_ms, "inference_ms": inference_ms}
+            if entry.item.batch.tokenize_ms is not None:
+                result.timings["tokenization_ms"] = entry.item.batch.tokenize_ms
         return results
 
     def _encode_items(self, items: list[_Request]) -> list[EncodeResult]:

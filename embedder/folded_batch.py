@@ -28,6 +28,7 @@ class FoldedBatch:
     wordpieces: each input's unfolded wordpiece strings, when asked for.
     prompt_lengths: per input, how many leading wordpieces of its unfolded sequence the prompt
         takes (start tokens included, as sentence-transformers counts them); ``None`` without prompts.
+    tokenize_ms: how long tokenizing and folding took, for whoever reports it.
     chunk_spans / chunk_char_spans / chunks_per_input: for late chunking, each chunk's
         ``[start, end)`` wordpieces in its input's unfolded sequence and ``[start, end)``
         characters in its input text, and how many consecutive chunks belong to each input.
@@ -47,6 +48,7 @@ class FoldedBatch:
     chunk_spans: np.ndarray | None = None
     chunk_char_spans: np.ndarray | None = None
     chunks_per_input: np.ndarray | None = None
+    tokenize_ms: float | None = None
 
     @property
     def num_inputs(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from embedder.folding import fold_pieces
 from embedder.special_tokens import SpecialTokens
 
 TruncationDirection = Literal["right", "left"]
-TRUNCATION_DIRECTIONS: tuple[str, ...] = ("right", "left")
+TRUNCATION_DIRECTIONS: tuple[str, ...] = get_args(TruncationDirection)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Literal, get_args, overload
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from embedder.transformer_embedder import PretrainedTransformerEmbedder, check_t
 from embedder.word_pooling import SubTokenMode, pool_spans
 
 Level = Literal["pooled", "wordpiece", "word", "chunk"]
-LEVELS: tuple[str, ...] = ("pooled", "wordpiece", "word", "chunk")
+LEVELS: tuple[str, ...] = get_args(Level)
 
 #: pooled: ``[num_inputs, dim]``; wordpiece / word / chunk: one ``[length, dim]`` array per input.
 Encoded = np.ndarray | list[np.ndarray]

@@ -4,13 +4,13 @@ sentence-transformers' ``Pooling`` module has, with its ``include_prompt`` rule.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 PoolingMode = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
-POOLING_MODES: tuple[str, ...] = ("mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")
+POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)
 
 
 def check_pooling_modes(modes: str | Sequence[str]) -> tuple[str, ...]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 SubTokenMode = Literal["avg", "first", "last"]
-SUB_TOKEN_MODES: tuple[str, ...] = ("avg", "first", "last")
+SUB_TOKEN_MODES: tuple[str, ...] = get_args(SubTokenMode)
 
 
 def pool_spans(embeddings: torch.Tensor, offsets: torch.Tensor, mode: SubTokenMode = "avg") -> torch.Tensor:

@@ -22,6 +22,13 @@ SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "
            "downscale_delay_s": 600, "metrics_interval_s": 1, "look_back_period_s": 2}
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """Tests on the session's cluster carry the ``cluster`` marker (``make test-fast`` leaves them out)."""
+    for item in items:
+        if "serve_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @dataclass
 class RunningCluster:
     config: ClusterConfig
@@ -46,6 +53,8 @@ def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port) ->
                         autoscaling=SCALING),
             ModelConfig(name="minilm-private", model_name=minilm_path, dtype="float32", num_cpus=0.25,
                         share_weights=False),
+            ModelConfig(name="tiny-mix", model_name=tiny_bert_path, max_length=16, dtype="float32",
+                        last_layer_only=False, num_cpus=0.1),
         ],
     )
 

@@ -64,7 +64,7 @@ def test_cli_jsonl_to_parquet_matches_the_serving_path(tmp_path, http, fp32_mode
     assert set(table.column("lang").to_pylist()) == {"en"}
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
     rows = {row["id"]: row for row in table.to_pylist()}
-    assert rows["doc-5"]["error"] == "text is empty" and rows["doc-5"]["embedding"] is None
+    assert rows["doc-5"]["error"] == "text is empty or whitespace only" and rows["doc-5"]["embedding"] is None
     assert rows["doc-6"]["error"] == "text is null" and rows["doc-6"]["embedding"] is None
     good = [i for i, t in enumerate(texts) if t]
     served = np.concatenate([np.array(http.post("/embed", json={"inputs": [texts[i] for i in chunk]}).json())

@@ -16,6 +16,9 @@ import yaml
 from transformers import AutoModel, AutoTokenizer
 
 from cluster import BadRequestError, Chunk, PayloadTooLargeError
+from cluster.bulk import Chunking
+from cluster.bulk_job import run_bulk_job
+from cluster.config import ModelConfig
 from references import reference_folded_output
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +147,7 @@ def test_bulk_cli_writes_a_row_per_chunk_and_resumes(tmp_path, serve_cluster, ht
     for row in rows:
         by_id.setdefault(row["id"], []).append(row)
         assert row["lang"] == "en" and row["text"] == documents[int(row["id"][4:])]
-    assert by_id["doc-2"][0]["error"] == "text is empty" and by_id["doc-2"][0]["embedding"] is None
+    assert by_id["doc-2"][0]["error"] == "text is empty or whitespace only" and by_id["doc-2"][0]["embedding"] is None
     for entry, document_id in zip(served, ["doc-0", "doc-1", "doc-3", "doc-4"]):
         got = sorted(by_id[document_id], key=lambda row: row["chunk_index"])
         assert [r["chunk_index"] for r in got] == list(range(len(entry["chunks"])))
@@ -154,10 +157,14 @@ def test_bulk_cli_writes_a_row_per_chunk_and_resumes(tmp_path, serve_cluster, ht
     for part in parts:  # a part holds whole documents
         ids = pq.read_table(part, columns=["id", "chunk_index"]).to_pylist()
         assert ids[0]["chunk_index"] == 0
-    # an interrupted run: drop the last part, resume, and get the same rows back
+    # an interrupted run: drop the last part, resume (in this process, on the session's cluster), and get
+    # the same rows back
     parts[-1].unlink()
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = run_bulk_job(str(source), tmp_path / "out", ModelConfig(name="minilm", model_name=minilm_path,
+                                                                      dtype="float32", num_cpus=0.5),
+                           id_column="id", chunks=Chunking(chunk_size=40, chunk_overlap=8), resume=True,
+                           rows_per_part=4, show_progress=False, encode_actors=1)
+    assert (summary.rows_in, summary.rows_out, summary.rows_with_error) == (5, 5, 1)
     again = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet")))
     key = ["id", "chunk_index"]
     assert sorted(again.select(key).to_pylist(), key=lambda r: (r["id"], r["chunk_index"])) == sorted(
@@ -167,8 +174,7 @@ def test_bulk_cli_writes_a_row_per_chunk_and_resumes(tmp_path, serve_cluster, ht
 def test_embed_dataset_chunks_in_a_users_pipeline(serve_cluster, http, minilm_path):
     import ray
 
-    from cluster.bulk import Chunking, embed_dataset
-    from cluster.config import ModelConfig
+    from cluster.bulk import embed_dataset
 
     model = ModelConfig(name="minilm", model_name=minilm_path, dtype="float32", num_cpus=0.5)
     ds = ray.data.from_items([{"id": i, "body": d} for i, d in enumerate(DOCUMENTS)])

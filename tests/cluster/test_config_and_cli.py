@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.app import app_builder
-from cluster.config import ClusterConfig, load_config
+from cluster.config import ClusterConfig, ModelConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,6 +65,24 @@ def test_config_errors_are_clear():
         ClusterConfig(models=[{"autoscaling": {"min_replicas": 3, "max_replicas": 1}}])
 
 
+def test_start_up_checks_before_deploying(monkeypatch):
+    with pytest.raises(ValidationError, match="device 'cuda' but num_gpus 0"):
+        ModelConfig(name="gpu", device="cuda")
+    assert ModelConfig(name="gpu", device="cuda", num_gpus=0.5).num_gpus == 0.5
+    with pytest.raises(ValidationError, match="'a/b' and 'a-b' both make the deployment name 'encoder-a-b'"):
+        ClusterConfig(models=[{"name": "a/b"}, {"name": "a-b"}])
+
+
+def test_one_rule_for_the_api_key(monkeypatch):
+    config = ClusterConfig(api_key="from-config")
+    monkeypatch.delenv("EMBEDDING_CLUSTER_API_KEY", raising=False)
+    assert config.with_api_key().api_key == "from-config"
+    monkeypatch.setenv("EMBEDDING_CLUSTER_API_KEY", "from-env")
+    assert config.with_api_key().api_key == "from-env"
+    assert config.with_api_key("from-flag").api_key == "from-flag"
+    assert ClusterConfig().with_api_key().api_key == "from-env"
+
+
 def test_example_deploy_config_is_valid():
     document = yaml.safe_load((REPO / "examples" / "serve-deploy.yaml").read_text())
     (application,) = document["applications"]
@@ -97,11 +116,25 @@ def test_cli_serve_refuses_a_model_it_cannot_serve(tmp_path, minilm_path, free_p
     assert result.returncode == 2 and "max_length 1024 is more than the 512 positions" in result.stderr
 
 
+@pytest.mark.cluster
+def test_cli_serve_exits_with_one_line_when_a_model_cannot_load(tmp_path, minilm_path, free_port):
+    broken = tmp_path / "broken"
+    shutil.copytree(minilm_path, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = tmp_path / "broken.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "broken", "model_name": str(broken), "num_cpus": 0.5}]}))
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config),
+                             "--port", str(free_port())], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"embedding-cluster serve: model 'broken' ({broken}) could not be loaded: " in result.stderr
+
+
 def _raylet_pids() -> set[int]:
     result = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
     return {int(pid) for pid in result.stdout.split()}
 
 
+@pytest.mark.cluster
 def test_cli_serve_answers_drains_and_exits_cleanly_on_sigint(tmp_path, tiny_bert_path, free_port,
                                                               start_cli_serve):
     port = free_port()

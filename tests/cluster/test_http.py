@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from embedder import PretrainedTransformerEmbedder, PretrainedTransformerIndexer, pool_sentences
+from transformers import AutoModel, AutoTokenizer
+
+from references import plain_sentence_vectors
 
 SENTENCES = ["A man is eating food.", "Ray Serve scales Python services.",
              "Embeddings turn text into vectors that search engines compare."]
@@ -31,14 +33,15 @@ def test_health_docs_and_models(http, cluster_config):
     assert http.get("/health").json() == {"status": "ok", "models": sorted(m.name for m in cluster_config.models)}
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
-    assert {"/v1/embeddings", "/embed", "/embed_tokens", "/tokenize", "/models", "/health"} <= set(paths)
+    assert {"/v1/embeddings", "/embed", "/embed_tokens", "/embed_chunks", "/tokenize", "/models", "/health",
+            "/ready"} <= set(paths)
     cards = {card["id"]: card for card in http.get("/models").json()["data"]}
     minilm = cards["all-MiniLM-L6-v2"]
     assert (minilm["dim"], minilm["dtype"], minilm["layers"], minilm["max_length"]) == (384, "float32", 6, 256)
     assert (minilm["pooling"], minilm["normalize"], minilm["device"]) == (["mean"], True, "cpu")
     assert (minilm["prompts"], minilm["default_prompt_name"], minilm["head"]) == (
         {"query": "", "document": ""}, None, ["Normalize"])
-    assert minilm["replicas"]["running"] == 1 and minilm["replicas"]["target"] == 1
+    assert minilm["replicas"] == {"running": 1} and minilm["status"] == "HEALTHY"
     assert cards["minilm-bf16"]["dtype"] == "bfloat16"
     assert (cards["tiny-bert"]["dim"], cards["tiny-bert"]["normalize"]) == (32, False)
 
@@ -83,6 +86,13 @@ def test_openai_client_unchanged(serve_cluster, sentence_transformer):
     assert len(short.data[0].embedding) == 16
 
 
+def plain_wordpieces(path: str, text: str) -> np.ndarray:
+    """The plain transformers model's last hidden state for one text, specials included."""
+    with torch.no_grad():
+        return AutoModel.from_pretrained(path).eval()(**AutoTokenizer.from_pretrained(path)(
+            text, return_tensors="pt")).last_hidden_state[0].numpy()
+
+
 def test_base64_encoding_is_little_endian_float32(http):
     floats = http.post("/v1/embeddings", json={"input": SENTENCES, "encoding_format": "float"}).json()
     encoded = http.post("/v1/embeddings", json={"input": SENTENCES, "encoding_format": "base64"}).json()
@@ -102,10 +112,8 @@ def test_tokenize_and_embed_tokens(http, minilm_path):
     assert folded["num_segments"] == 5 and len(folded["tokens"]) == 1202
     pieces = http.post("/embed_tokens", json={"inputs": ["AllenNLP is great"]}).json()[0]
     assert pieces["tokens"] == tokens[0]["tokens"]
-    embedder = PretrainedTransformerEmbedder(minilm_path, train_parameters=False)
-    with torch.no_grad():
-        expected = embedder(**PretrainedTransformerIndexer(minilm_path)(["AllenNLP is great"]))[0].numpy()
-    np.testing.assert_allclose(np.array(pieces["embeddings"]), expected, atol=1e-4)
+    np.testing.assert_allclose(np.array(pieces["embeddings"]), plain_wordpieces(minilm_path, "AllenNLP is great"),
+                               atol=1e-4)
 
 
 def test_word_level_with_an_empty_word(http, client, minilm_path):
@@ -114,9 +122,7 @@ def test_word_level_with_an_empty_word(http, client, minilm_path):
     assert [a["tokens"] for a in answer] == words
     vectors = np.array(answer[0]["embeddings"])
     assert vectors.shape == (4, 384) and np.all(vectors[1] == 0) and np.isfinite(vectors).all()
-    embedder = PretrainedTransformerEmbedder(minilm_path, train_parameters=False)
-    with torch.no_grad():
-        pieces = embedder(**PretrainedTransformerIndexer(minilm_path)(["AllenNLP is great"]))[0].numpy()
+    pieces = plain_wordpieces(minilm_path, "AllenNLP is great")  # [CLS] allen ##nl ##p is great [SEP]
     np.testing.assert_allclose(vectors[0], pieces[1:4].mean(0), atol=1e-4)
     first = http.post("/embed_tokens", json={"words": words, "level": "word", "sub_token_mode": "first"}).json()
     np.testing.assert_allclose(np.array(first[0]["embeddings"][0]), pieces[1], atol=1e-4)
@@ -129,12 +135,28 @@ def test_second_model_routes_and_folds(http, tiny_bert_path):
     texts = ["a tiny model", "a text long enough to be folded into a few segments of thirty-two " * 4]
     answer = np.array(http.post("/embed", json={"inputs": texts, "model": "tiny-bert"}).json())
     assert answer.shape == (2, 32)
-    embedder = PretrainedTransformerEmbedder(tiny_bert_path, max_length=32, train_parameters=False)
-    indexed = PretrainedTransformerIndexer(tiny_bert_path, max_length=32)(texts)
-    with torch.no_grad():
-        expected = pool_sentences(embedder(**indexed), indexed["mask"], "mean").numpy()
-    assert cosine(answer, expected).min() >= 0.9999  # bf16 on this CPU: 'auto' dtype
+    expected = plain_sentence_vectors(AutoModel.from_pretrained(tiny_bert_path).eval(),
+                                      AutoTokenizer.from_pretrained(tiny_bert_path), texts, max_length=32)
+    assert cosine(answer, expected).min() >= 0.9999  # bf16 on a CPU with AVX512_BF16: "auto" dtype
     assert http.post("/embed", json={"inputs": texts, "model": "nope"}).status_code == 404
+
+
+def test_scalar_mix_served_against_the_plain_models_layers(http, tiny_bert_path):
+    """A model served with last_layer_only=False mixes every hidden layer (uniform weights at first),
+    also across folded segments."""
+    from references import reference_folded_output
+
+    text = "the scalar mix of every layer, served over HTTP and folded into segments of sixteen " * 2
+    answer = http.post("/embed_tokens", json={"inputs": [text], "model": "tiny-mix"}).json()[0]
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_bert_path), AutoModel.from_pretrained(tiny_bert_path)
+    pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 2 * 16
+    layers = [reference_folded_output(lambda **kw: (model.eval()(**kw, output_hidden_states=True).hidden_states[i],),
+                                      pieces, [tokenizer.cls_token_id], [tokenizer.sep_token_id], 16)
+              for i in range(1, model.config.num_hidden_layers + 1)]
+    expected = torch.stack(layers).mean(0).numpy()
+    assert len(answer["tokens"]) == len(pieces) + 2
+    np.testing.assert_allclose(np.array(answer["embeddings"]), expected, atol=1e-4)
 
 
 def test_64_concurrent_requests_never_mix_answers(http, minilm_path):
@@ -151,10 +173,7 @@ def test_64_concurrent_requests_never_mix_answers(http, minilm_path):
     with ThreadPoolExecutor(max_workers=64) as pool:
         answers = list(pool.map(lambda texts: http.post("/embed", json={"inputs": texts}), requests))
     assert all(a.status_code == 200 for a in answers)
-    embedder = PretrainedTransformerEmbedder(minilm_path, max_length=256, train_parameters=False)
-    indexer = PretrainedTransformerIndexer(minilm_path, max_length=256)
+    model, tokenizer = AutoModel.from_pretrained(minilm_path).eval(), AutoTokenizer.from_pretrained(minilm_path)
     for texts, answer in zip(requests, answers):
-        with torch.no_grad():
-            indexed = indexer(texts)
-            expected = pool_sentences(embedder(**indexed), indexed["mask"], "mean", normalize=True).numpy()
+        expected = plain_sentence_vectors(model, tokenizer, texts, max_length=256, normalize=True)
         assert cosine(np.array(answer.json()), expected).min() >= 0.99999

@@ -20,7 +20,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 PLACEMENT = """
 import json, sys, ray
 from ray import serve
-from deployments.ingress import deployment_name
+from deployments.settings import deployment_name
 ray.init(address=sys.argv[1], namespace="embedding-cluster", log_to_driver=False)
 second = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node2" in n["Resources"]]
 nodes = {m: serve.get_deployment_handle(deployment_name(m), app_name="embeddings").replica_info.remote().result()["node"]
@@ -73,6 +73,7 @@ def _stop(temp_dir: Path) -> None:
         psutil.wait_procs(alive, timeout=10)
 
 
+@pytest.mark.cluster
 def test_replica_on_the_second_node_answers_like_the_head(two_nodes, tmp_path, tiny_bert_path, free_port,
                                                            start_cli_serve):
     address, env = two_nodes

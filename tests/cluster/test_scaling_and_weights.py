@@ -13,7 +13,7 @@ import ray
 import torch
 from ray import serve
 
-from deployments.ingress import deployment_name
+from deployments.settings import deployment_name
 from deployments.loading import load_indexer
 from deployments.weight_store import STORE_NAME, STORE_NAMESPACE
 from embedder import PretrainedTransformerEmbedder
@@ -65,8 +65,8 @@ def test_load_on_one_model_scales_only_its_encoders(scaled, http):
     assert _running(status, "scale-a") == 2
     assert _running(status, "scale-b") == 1
     cards = {card["id"]: card for card in http.get("/models").json()["data"]}
-    assert cards["scale-a"]["replicas"]["target"] == 2 and cards["scale-a"]["replicas"]["running"] == 2
-    assert cards["scale-b"]["replicas"] == {"running": 1, "target": 1}
+    assert cards["scale-a"]["replicas"]["running"] == 2
+    assert cards["scale-b"]["replicas"] == {"running": 1}
 
 
 def test_added_replica_takes_the_store_weights_and_answers_identically(scaled, minilm_path):
@@ -84,7 +84,7 @@ def test_added_replica_takes_the_store_weights_and_answers_identically(scaled, m
     assert private["weights_source"] == "disk" and private["probe_digest"] == reference
 
 
-def test_two_keys_never_mix(minilm_path):
+def test_two_keys_never_mix(serve_cluster, minilm_path):
     store = ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE)
     keys = ray.get(store.keys.remote())
     assert any("dtype='float32'" in k for k in keys) and any("dtype='bfloat16'" in k for k in keys)

@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from cluster.app import build_app
 from cluster.config import ClusterConfig, ModelConfig
-from deployments.ingress import deployment_name
+from deployments.settings import deployment_name
 from deployments.weight_store import STORE_NAME, STORE_NAMESPACE, WeightStore, release_weights
 from st_folders import save_bert
 

@@ -1,0 +1,313 @@
+"""``EmbeddingPipeline``: a request's way through the cluster, and the handle API built on it.
+
+Each request is validated, tokenized (here for small requests, by the tokenizer
+deployment otherwise: its response is passed straight into the encoder call, so
+the folded batch travels tokenizer -> encoder through the object store, never
+through this replica), encoded by its model's encoder deployment, and retried
+once if a replica died mid-call. The ingress deployment is this class plus its
+HTTP routes; ``cluster.EmbeddingClient`` calls the public methods by handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar, Token
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from deployments.errors import (
+    BadRequestError,
+    EmbeddingRequestError,
+    ReplicaFailedError,
+    UnknownModelError,
+    as_request_error,
+)
+from deployments.metrics import IngressMetrics
+from deployments.protocol import ChunkRequest, EncodeOptions, EncodeResult, FoldRequest
+from deployments.settings import ServingSettings, deployment_name
+from deployments.tokenizer import RequestFolder
+from deployments.validation import (
+    check_chunk_options,
+    check_direction,
+    check_pairs,
+    check_pooling,
+    check_texts,
+    check_token_options,
+    check_words,
+    truncate_dimensions,
+)
+from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE
+from embedder.folded_batch import FoldedBatch
+from embedder.folding import unfold_index
+from embedder.sentence_pooling import check_pooling_modes
+
+logger = logging.getLogger(__name__)
+
+#: The stages' times of the request being answered (milliseconds), for the routes' timing headers.
+_timings: ContextVar[dict[str, float] | None] = ContextVar("request_timings", default=None)
+
+
+def collect_timings() -> tuple[dict[str, float], Token]:
+    """Start collecting the current request's stage times (``tokenization_ms``, ``queue_ms``,
+    ``inference_ms``); ``stop_timings(token)`` ends it."""
+    timings: dict[str, float] = {}
+    return timings, _timings.set(timings)
+
+
+def stop_timings(token: Token) -> None:
+    _timings.reset(token)
+
+
+class EmbeddingPipeline:
+    """Validation, folding, encoding and retries for every served model."""
+
+    def __init__(self, settings: ServingSettings, tokenizer: DeploymentHandle,
+                 encoders: dict[str, DeploymentHandle]) -> None:
+        self._settings = settings
+        self._limits = settings.limits
+        self._tokenizer = tokenizer
+        self._folder = (RequestFolder(settings.models, settings.limits)
+                        if settings.ingress.inline_tokenize_max_chars else None)
+        self._encoders = encoders
+        self._configs = {model.name: model for model in settings.models}
+        self._default_model = settings.models[0].name
+        self._infos: dict[str, dict] = {}
+        self._metrics = IngressMetrics()
+
+    # --- the way through -------------------------------------------------------
+
+    def _model(self, model: str | None) -> str:
+        name = model or self._default_model
+        if name not in self._encoders:
+            raise UnknownModelError(f"no model named {name!r}; served: {sorted(self._encoders)}")
+        return name
+
+    async def _run(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A deployment call, its errors mapped to the client's (a server fault propagates, to be
+        logged once where it is answered)."""
+        try:
+            return await call()
+        except EmbeddingRequestError:
+            raise
+        except Exception as error:
+            mapped = as_request_error(error)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``_run``, once more when a replica died mid-call: embedding calls are idempotent,
+        and Serve routes the second try to a live replica."""
+        try:
+            return await self._run(call)
+        except ReplicaFailedError:
+            logger.warning("a replica failed mid-request; retrying once")
+            return await self._run(call)
+
+    def _tokenizes_here(self, fold: FoldRequest) -> bool:
+        return self._folder is not None and fold.num_chars <= self._settings.ingress.inline_tokenize_max_chars
+
+    def _fold(self, fold: FoldRequest) -> FoldedBatch | DeploymentResponse:
+        """The folded batch (small requests), or the tokenizer deployment's response to pass on."""
+        return self._folder.fold(fold) if self._tokenizes_here(fold) else self._tokenizer.fold.remote(fold)
+
+    async def _folded(self, fold: FoldRequest) -> FoldedBatch:
+        """The folded batch itself, here (small requests) or from the tokenizer deployment."""
+        if self._tokenizes_here(fold):
+            return self._folder.fold(fold)
+        return await self._retrying(lambda: self._tokenizer.fold.remote(fold))
+
+    async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
+        started = time.monotonic()
+        tags = {"model": fold.model, "route": route}
+        status = "error"
+        try:
+            result: EncodeResult = await self._retrying(
+                lambda: self._encoders[fold.model].encode.remote(self._fold(fold), options))
+            status = "ok"
+        except EmbeddingRequestError as error:
+            status = str(error.status_code)
+            raise
+        finally:
+            self._metrics.requests.inc(tags=tags | {"status": status})
+        self._metrics.inputs.inc(len(result.num_wordpieces), tags=tags)
+        self._metrics.wordpieces.inc(int(result.num_wordpieces.sum()), tags=tags)
+        self._metrics.latency.observe(1000 * (time.monotonic() - started), tags=tags)
+        timings = _timings.get()
+        if timings is not None:
+            for stage, milliseconds in result.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + milliseconds
+        return result
+
+    def _prompt(self, model: str, prompt_name: Any, prompt: Any) -> str | None:
+        """The prompt text a request asks for (the model's default prompt when it names none)."""
+        if prompt_name is not None and not isinstance(prompt_name, str):
+            raise BadRequestError(f"prompt_name must be a string, not {type(prompt_name).__name__}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise BadRequestError(f"prompt must be a string, not {type(prompt).__name__}")
+        try:
+            return self._configs[model].prompt(prompt_name, prompt)
+        except ValueError as error:
+            raise BadRequestError(f"model {model!r}: {error}") from None
+
+    def _texts_or_words(self, model: str, texts: Any, words: Any, truncate: bool, truncation_direction: Any,
+                        prompt_name: Any, prompt: Any, return_wordpieces: bool) -> FoldRequest:
+        if (texts is None) == (words is None):
+            raise BadRequestError("give exactly one of texts or words")
+        return FoldRequest(model=model, texts=None if texts is None else check_texts(texts, self._limits),
+                           words=None if words is None else check_words(words, self._limits),
+                           truncate=truncate, truncation_direction=check_direction(truncation_direction),
+                           prompt=self._prompt(model, prompt_name, prompt), return_wordpieces=return_wordpieces)
+
+    async def _model_info(self, name: str) -> dict:
+        if name not in self._infos:
+            self._infos[name] = await self._run(lambda: self._encoders[name].info.remote())
+        return self._infos[name]
+
+    async def _renormalizes(self, name: str, normalize: bool | None) -> bool:
+        """Whether cut vectors (``dimensions``) are normalized again: the request's say, else the model's."""
+        return (await self._model_info(name))["normalize"] if normalize is None else normalize
+
+    # --- handle API (cluster.EmbeddingClient) ----------------------------------
+
+    async def embed_texts(self, texts: Any = None, model: str | None = None, pooling: Any = None,
+                          normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
+                          pairs: Any = None, prompt_name: str | None = None, prompt: str | None = None,
+                          truncation_direction: str | None = None,
+                          route: str = "handle") -> tuple[np.ndarray, np.ndarray]:
+        """Pooled vectors ``[n, dim]`` (one per text, or per pair) and each input's wordpiece count."""
+        name = self._model(model)
+        if (texts is None) == (pairs is None):
+            raise BadRequestError("give exactly one of texts or pairs")
+        fold = FoldRequest(model=name, truncate=truncate, truncation_direction=check_direction(truncation_direction),
+                           prompt=self._prompt(name, prompt_name, prompt),
+                           texts=None if texts is None else check_texts(texts, self._limits),
+                           pairs=None if pairs is None else check_pairs(pairs, self._limits))
+        options = EncodeOptions(level="pooled", pooling=check_pooling(pooling), normalize=normalize)
+        result = await self._encode(fold, options, route)
+        if dimensions is not None:
+            return (truncate_dimensions(result.vectors, dimensions, await self._renormalizes(name, normalize)),
+                    result.num_wordpieces)
+        return result.vectors, result.num_wordpieces
+
+    async def embed_token_vectors(self, texts: Any = None, words: Any = None, model: str | None = None,
+                                  level: str = "wordpiece", sub_token_mode: str = "avg", truncate: bool = False,
+                                  prompt_name: str | None = None, prompt: str | None = None,
+                                  truncation_direction: str | None = None,
+                                  route: str = "handle") -> tuple[list[np.ndarray], list[list[str]]]:
+        """Per input: ``[tokens, dim]`` vectors and the tokens (wordpieces, or the words)."""
+        name = self._model(model)
+        check_token_options(level, sub_token_mode, words)
+        fold = self._texts_or_words(name, texts, words, truncate, truncation_direction, prompt_name, prompt,
+                                    return_wordpieces=level == "wordpiece")
+        result = await self._encode(fold, EncodeOptions(level=level, sub_token_mode=sub_token_mode), route)
+        tokens = result.wordpieces if level == "wordpiece" else fold.words
+        return result.vectors, tokens
+
+    async def tokenize_inputs(self, texts: Any = None, words: Any = None, model: str | None = None,
+                              truncate: bool = False, prompt_name: str | None = None, prompt: str | None = None,
+                              truncation_direction: str | None = None) -> list[dict]:
+        """The wordpieces, ids and segments of each input, as the encoder would see them."""
+        name = self._model(model)
+        fold = self._texts_or_words(name, texts, words, truncate, truncation_direction, prompt_name, prompt,
+                                    return_wordpieces=True)
+        batch = await self._folded(fold)
+        ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
+        entries = []
+        for index in range(batch.num_inputs):
+            entry = {"tokens": batch.wordpieces[index], "ids": ids[index].tolist(),
+                     "num_segments": int(batch.segments_per_input[index]), "word_offsets": None,
+                     "prompt_length": None if batch.prompt_lengths is None else int(batch.prompt_lengths[index])}
+            if batch.has_words:
+                entry["word_offsets"] = [tuple(o) for o in batch.input_offsets(index).tolist()]
+            entries.append(entry)
+        return entries
+
+    async def embed_document_chunks(self, texts: Any = None, model: str | None = None,
+                                    chunk_size: Any = DEFAULT_CHUNK_SIZE, chunk_overlap: Any = 0, spans: Any = None,
+                                    context: str = "document", pooling: Any = None, normalize: bool | None = None,
+                                    dimensions: int | None = None, prompt_name: str | None = None,
+                                    prompt: str | None = None,
+                                    route: str = "handle") -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """Per document: its chunks ``[n, 3]`` (start and end characters, wordpieces) and their vectors
+        ``[n, dim]``; and the wordpieces embedded. ``context="document"`` pools each chunk from the whole
+        document's encoding (late chunking); ``"chunk"`` embeds each chunk's text alone."""
+        name = self._model(model)
+        texts = check_texts(texts, self._limits)
+        if context not in CHUNK_CONTEXTS:
+            raise BadRequestError(f"context must be one of {CHUNK_CONTEXTS}, not {context!r}")
+        spans = check_chunk_options(chunk_size, chunk_overlap, spans, len(texts))
+        chunking = ChunkRequest(chunk_size=chunk_size, chunk_overlap=chunk_overlap, spans=spans)
+        prompt_text = self._prompt(name, prompt_name, prompt)
+        modes = check_pooling(pooling)
+        if context == "document":
+            model_modes = check_pooling_modes(self._configs[name].pooling or "mean")
+            if (modes or model_modes) != ("mean",):
+                raise BadRequestError(
+                    f"late chunking averages each chunk's wordpieces, but model {name!r} pools with "
+                    f"{'+'.join(modes or model_modes)}; send \"pooling\": \"mean\" to chunk it anyway, or "
+                    f"\"context\": \"chunk\" to embed each chunk alone")
+            fold = FoldRequest(model=name, texts=texts, prompt=prompt_text, chunks=chunking)
+            result = await self._encode(fold, EncodeOptions(level="chunk", normalize=normalize), route)
+            tables, vectors = result.chunks, list(result.vectors)
+        else:
+            plan = (await self._folded(FoldRequest(model=name, texts=texts, chunks=chunking))).chunk_table()
+            pieces = [text[start:end] for text, table in zip(texts, plan) for start, end, _ in table]
+            fold = FoldRequest(model=name, texts=pieces, prompt=prompt_text)
+            result = await self._encode(fold, EncodeOptions(level="pooled", pooling=modes, normalize=normalize), route)
+            bounds = np.cumsum([len(table) for table in plan])[:-1]
+            vectors = np.split(result.vectors, bounds)
+            tables = [np.column_stack([table[:, :2], counts])
+                      for table, counts in zip(plan, np.split(result.num_wordpieces, bounds))]
+        if dimensions is not None:
+            renormalize = await self._renormalizes(name, normalize)
+            vectors = [truncate_dimensions(v, dimensions, renormalize) for v in vectors]
+        return tables, vectors, int(result.num_wordpieces.sum())
+
+    async def list_models(self) -> list[dict]:
+        """Every served model with its settings, its deployment's status and its replicas by state."""
+        statuses = await asyncio.to_thread(self._deployment_statuses)
+        cards = []
+        for config in self._settings.models:
+            info = await self._model_info(config.name)
+            cards.append({"id": config.name, **info, **statuses.get(config.name, {})})
+        return cards
+
+    async def not_ready(self) -> dict[str, str]:
+        """The models without a running replica (one runs only once it has answered a forward
+        pass), each with its deployment's status and message; empty when every model is ready."""
+        statuses = await asyncio.to_thread(self._deployment_statuses)
+        waiting = {}
+        for config in self._settings.models:
+            status = statuses.get(config.name)
+            if status is None or not status["replicas"].get("running"):
+                waiting[config.name] = "no deployment" if status is None else (
+                    f"{status['status']}: {status['status_message'] or 'no running replica yet'}")
+        return waiting
+
+    def _deployment_statuses(self) -> dict[str, dict]:
+        """Per model: its deployment's status, message, and replicas by state (``serve.status()``)."""
+        try:
+            application = serve.status().applications.get(serve.get_replica_context().app_name)
+        except Exception as error:  # the controller is unreachable: say nothing rather than fail the route
+            logger.warning("no deployment status: the Serve controller did not answer (%s)", type(error).__name__)
+            return {}
+        if application is None:
+            return {}
+        statuses = {}
+        for config in self._settings.models:
+            deployment = application.deployments.get(deployment_name(config.name))
+            if deployment is not None:
+                statuses[config.name] = {
+                    "status": str(getattr(deployment.status, "value", deployment.status)),
+                    "status_message": deployment.message,
+                    "replicas": {str(getattr(state, "value", state)).lower(): count
+                                 for state, count in deployment.replica_states.items()},
+                }
+        return statuses

@@ -1,0 +1,138 @@
+"""Checking what a request (or a bulk row) asks for, before anything is tokenized: each problem is a
+``BadRequestError`` (400) or ``PayloadTooLargeError`` (413) whose message names the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from deployments.errors import BadRequestError, PayloadTooLargeError
+from deployments.settings import LimitsSettings
+from embedder.chunking import check_chunking
+from embedder.indexer import TRUNCATION_DIRECTIONS
+from embedder.sentence_pooling import check_pooling_modes
+from embedder.word_pooling import SUB_TOKEN_MODES
+
+TOKEN_LEVELS = ("wordpiece", "word")
+
+
+def text_problem(value: Any) -> str | None:
+    """Why a value cannot be embedded (``"is empty or whitespace only"``, ...), or ``None`` when it can:
+    the one rule for request inputs and bulk rows."""
+    if value is None:
+        return "is null"
+    if not isinstance(value, str):
+        return f"is {type(value).__name__}, expected a string"
+    if not value.strip():
+        return "is empty or whitespace only"
+    return None
+
+
+def check_texts(value: Any, limits: LimitsSettings, name: str = "input") -> list[str]:
+    """A string or a non-empty list of non-empty strings, within the limits."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise BadRequestError(f"'{name}' must be a string or a list of strings, not {type(value).__name__}")
+    if not value:
+        raise BadRequestError(f"'{name}' is an empty list")
+    check_count(len(value), limits)
+    for index, text in enumerate(value):
+        if (problem := text_problem(text)) is not None:
+            raise BadRequestError(f"{name}[{index}] {problem}")
+        if len(text) > limits.max_chars_per_input:
+            raise PayloadTooLargeError(f"{name}[{index}] has {len(text)} characters, over the limit of "
+                                       f"{limits.max_chars_per_input}")
+    return list(value)
+
+
+def check_count(count: int, limits: LimitsSettings) -> None:
+    if count > limits.max_inputs_per_request:
+        raise PayloadTooLargeError(f"{count} inputs in one request, over the limit of {limits.max_inputs_per_request}")
+
+
+def check_words(value: Any, limits: LimitsSettings) -> list[list[str]]:
+    """A non-empty list of non-empty lists of strings, within the limits."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BadRequestError("'words' must be a non-empty list of lists of strings")
+    check_count(len(value), limits)
+    for index, words in enumerate(value):
+        if not isinstance(words, (list, tuple)) or not words:
+            raise BadRequestError(f"words[{index}] must be a non-empty list of strings")
+        if not all(isinstance(w, str) for w in words):
+            raise BadRequestError(f"words[{index}] holds something that is not a string")
+        if sum(len(w) for w in words) > limits.max_chars_per_input:
+            raise PayloadTooLargeError(f"words[{index}] has more than {limits.max_chars_per_input} characters")
+    return [list(words) for words in value]
+
+
+def check_pairs(value: Any, limits: LimitsSettings) -> list[tuple[str, str]]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        raise BadRequestError("'pairs' must be a list of [text, text] pairs")
+    firsts = check_texts([p[0] for p in value], limits, "pairs")
+    seconds = check_texts([p[1] for p in value], limits, "pairs")
+    return list(zip(firsts, seconds))
+
+
+def check_direction(value: Any) -> str | None:
+    if value is not None and value not in TRUNCATION_DIRECTIONS:
+        raise BadRequestError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, not {value!r}")
+    return value
+
+
+def check_pooling(value: Any) -> tuple[str, ...] | None:
+    """A pooling mode or a list of them, as a tuple (``None``: the model's)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, list, tuple)):
+        raise BadRequestError(f"pooling must be a mode or a list of modes, not {type(value).__name__}")
+    try:
+        return check_pooling_modes(value)
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
+
+
+def check_token_options(level: Any, sub_token_mode: Any, words: Any) -> None:
+    if level not in TOKEN_LEVELS:
+        raise BadRequestError(f"level must be one of {TOKEN_LEVELS}, not {level!r}")
+    if sub_token_mode not in SUB_TOKEN_MODES:
+        raise BadRequestError(f"sub_token_mode must be one of {SUB_TOKEN_MODES}, not {sub_token_mode!r}")
+    if level == "word" and words is None:
+        raise BadRequestError("level 'word' needs pre-split words")
+
+
+def check_chunk_options(chunk_size: Any, chunk_overlap: Any, spans: Any, count: int) -> list | None:
+    """The chunking a request asks for: the caller's spans (checked here for their shape, against
+    the text when it is tokenized), else a valid size and overlap."""
+    if spans is None:
+        try:
+            check_chunking(chunk_size, chunk_overlap)
+        except ValueError as error:
+            raise BadRequestError(str(error)) from None
+        return None
+    if not isinstance(spans, (list, tuple)) or len(spans) != count:
+        raise BadRequestError(f"'spans' must hold one list of [start, end) spans per document ({count})")
+    checked = []
+    for index, document in enumerate(spans):
+        if not isinstance(document, (list, tuple)) or not document:
+            raise BadRequestError(f"spans[{index}] must be a non-empty list of [start, end) spans")
+        for number, span in enumerate(document):
+            if not (isinstance(span, (list, tuple)) and len(span) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+                raise BadRequestError(f"spans[{index}][{number}] must be a pair of integers [start, end), "
+                                      f"not {span!r}")
+        checked.append([tuple(span) for span in document])
+    return checked
+
+
+def truncate_dimensions(vectors: np.ndarray, dimensions: int | None, renormalize: bool) -> np.ndarray:
+    """The first ``dimensions`` of each vector (Matryoshka), re-normalized if the model normalizes."""
+    if dimensions is None:
+        return vectors
+    if dimensions > vectors.shape[1]:
+        raise BadRequestError(f"dimensions={dimensions} is more than the model's {vectors.shape[1]}")
+    vectors = vectors[:, :dimensions]
+    if renormalize:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
