@@ -3,7 +3,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test clean
+.PHONY: install serve test test-fast clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ serve: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# the library and the unit tests: no Ray cluster started (under 2 minutes)
+test-fast: install
+	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.cluster
 def test_bench_quick(tmp_path):
     report_file = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--quick", "--json", str(report_file)],
@@ -25,6 +28,13 @@ def test_bench_quick(tmp_path):
             assert all(f["p50_ms"] > 0 for f in row["extra"].values())
         else:
             assert row["texts_per_s"] > 0 and row["wordpieces_per_s"] > 0
-    limit = report["results"][0]
-    assert limit["ratio_to_limit"] == 1.0 and 0 < limit["padding_efficiency"] <= 1
+    rows = {row["name"]: row for row in report["results"]}
+    limit, naive = report["results"][0], next(r for r in report["results"] if r["name"].startswith("naive"))
+    # length-sorted token-budget batches pad less than batches of 32 in input order
+    assert naive["padding_efficiency"] < limit["padding_efficiency"] <= 1
+    # the same tokens go through every path
+    assert rows["cluster over HTTP, 32 concurrent clients"]["wordpieces"] == limit["wordpieces"] == naive["wordpieces"]
+    for row in report["results"]:
+        if "ratio_to_limit" in row and not row["short_only"]:
+            assert row["ratio_to_limit"] == pytest.approx(row["wordpieces_per_s"] / limit["wordpieces_per_s"])
     assert "contender" in result.stdout and "p50" in result.stdout

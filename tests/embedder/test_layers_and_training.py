@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from embedder import PretrainedTransformerEmbedder, PretrainedTransformerIndexer, ScalarMix
+from embedder import PretrainedTransformerEmbedder, PretrainedTransformerIndexer, ScalarMix, encode_folded
 
 TEXTS = ["the cat sat on the mat", "a second, somewhat longer sentence about dogs"]
 
@@ -22,6 +22,24 @@ def test_all_layers_with_uniform_weights_is_mean_of_hidden_layers(tiny_bert_path
     expected = torch.stack(hidden).mean(0)
     mask = encoded["attention_mask"].bool()
     torch.testing.assert_close(output[mask], expected[mask], atol=1e-5, rtol=1e-4)
+
+
+def test_scalar_mix_through_encode_folded_on_a_folded_input(tiny_bert_path):
+    """The serving path (ragged, folded, sub-batched) against the plain model's hidden layers."""
+    from references import reference_folded_output
+
+    embedder = PretrainedTransformerEmbedder(tiny_bert_path, max_length=16, last_layer_only=False,
+                                             train_parameters=False)
+    indexer = PretrainedTransformerIndexer(tiny_bert_path, max_length=16)
+    long_text = " ".join(TEXTS * 4)
+    vectors = encode_folded(embedder, indexer.fold([long_text, TEXTS[0]]), level="wordpiece", max_batch_tokens=40)
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_bert_path), AutoModel.from_pretrained(tiny_bert_path)
+    model.eval()
+    pieces = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    layers = [reference_folded_output(lambda **kw: (model(**kw, output_hidden_states=True).hidden_states[i],),
+                                      pieces, [tokenizer.cls_token_id], [tokenizer.sep_token_id], 16)
+              for i in range(1, model.config.num_hidden_layers + 1)]
+    torch.testing.assert_close(torch.from_numpy(vectors[0]), torch.stack(layers).mean(0), atol=1e-5, rtol=1e-4)
 
 
 def test_scalar_mix_weights_and_gamma():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from embedder import (
@@ -63,21 +64,27 @@ def test_unknown_sub_token_mode(tiny_bert_path):
         PretrainedTransformerMismatchedEmbedder(tiny_bert_path, sub_token_mode="median")
 
 
-def test_bert_embedder_sliding_window_shapes(tiny_bert_path):
-    embedder = BertEmbedder(PretrainedBertModel.load(tiny_bert_path), max_pieces=8)
+def test_bert_embedder_windows_equal_the_plain_model_per_window(tiny_bert_path):
+    embedder = BertEmbedder(PretrainedBertModel.load(tiny_bert_path), max_pieces=8, top_layer_only=True)
     torch.manual_seed(0)
     short = torch.randint(1000, 2000, (2, 6))
-    assert embedder(short).shape == (2, 6, 32)
-    long_ids = torch.randint(1000, 2000, (2, 20))
-    output = embedder(long_ids)
-    assert output.shape[0] == 2 and output.shape[2] == 32 and output.shape[1] <= 20
-    offsets = torch.tensor([[0, 2, 4, 6, 9], [1, 3, 5, 7, 8]])
-    picked = embedder(long_ids, offsets=offsets)
-    assert picked.shape == (2, 5, 32)
-    torch.testing.assert_close(picked[0, 1], output[0, 2])
-    torch.testing.assert_close(picked[1, 4], output[1, 8])
-    nested = embedder(long_ids.view(1, 2, 20), offsets=offsets.view(1, 2, 5))
-    assert nested.shape == (1, 2, 5, 32)
+    plain = AutoModel.from_pretrained(tiny_bert_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(embedder(short), plain(input_ids=short).last_hidden_state)
+        long_ids = torch.randint(1000, 2000, (2, 20))
+        output = embedder(long_ids)
+        # AllenNLP 0.9 on 20 wordpieces in windows of 8 (1 start, 1 end token): stride 3, the first two
+        # positions, the middle three of each window, and nothing of the short last window past its middle
+        keep = [0, 1, 2, 3, 4, 10, 11, 12, 18, 19]
+        windows = [F.pad(w, [0, 8 - w.size(1)]) for w in long_ids.split(8, dim=1)]
+        per_window = torch.cat([plain(input_ids=w, attention_mask=(w != 0).long()).last_hidden_state
+                                for w in windows], dim=1)
+        torch.testing.assert_close(output, per_window[:, keep])
+        offsets = torch.tensor([[0, 2, 4, 6, 9], [1, 3, 5, 7, 8]])
+        picked = embedder(long_ids, offsets=offsets)
+        torch.testing.assert_close(picked, torch.stack([output[0, offsets[0]], output[1, offsets[1]]]))
+        nested = embedder(long_ids.view(1, 2, 20), offsets=offsets.view(1, 2, 5))
+        torch.testing.assert_close(nested[0], picked)
 
 
 def test_bert_embedder_top_layer_and_fixed_mix(tiny_bert_path):

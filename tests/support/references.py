@@ -18,3 +18,16 @@ def reference_folded_output(model, pieces, start, end, max_length, **model_kwarg
             hi = len(ids) if number == len(segments) - 1 else len(ids) - len(end)
             parts.append(hidden[lo:hi])
     return torch.cat(parts)
+
+
+def plain_sentence_vectors(model, tokenizer, texts, max_length: int, normalize: bool = False):
+    """Mean-pooled vectors of the plain model, folding texts longer than ``max_length`` by hand
+    (``reference_folded_output``) with the tokenizer's [CLS]/[SEP]-style start and end token."""
+    vectors = []
+    for text in texts:
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+        unfolded = reference_folded_output(model, pieces, [tokenizer.cls_token_id], [tokenizer.sep_token_id],
+                                           max_length)
+        vectors.append(unfolded.mean(0))
+    stacked = torch.stack(vectors)
+    return (torch.nn.functional.normalize(stacked, dim=-1) if normalize else stacked).numpy()
