@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 from transformers import PreTrainedModel
 
@@ -126,6 +128,27 @@ def release_weights(prefix: str) -> None:
             ray.kill(store)
     except (RayActorError, GetTimeoutError) as error:
         logger.warning("could not release the weights of %s (%s)", prefix, error)
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """Bytes of ``model``'s weight tensors (each storage once): all of them, and those that lie in
+    shared memory mappings of this process (the object store's), read from ``/proc/self/maps``.
+    Tells a replica that maps the store's copy from one holding a private copy, whatever else
+    its allocator keeps. Linux only: elsewhere the second number is 0."""
+    shared_ranges = []
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        for line in maps.read_text().splitlines():
+            addresses, permissions = line.split()[:2]
+            if permissions.endswith("s"):
+                start, end = (int(a, 16) for a in addresses.split("-"))
+                shared_ranges.append((start, end))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    total = sum(storages.values())
+    shared = sum(size for pointer, size in storages.items()
+                 if any(start <= pointer and pointer + size <= end for start, end in shared_ranges))
+    return total, shared
 
 
 def _shared(ref: ray.ObjectRef, spec: ModelSpec) -> PreTrainedModel:
