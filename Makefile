@@ -3,7 +3,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast clean
+.PHONY: install serve test test-fast test-gpu clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ test: install
 # the library and the unit tests: no Ray cluster started (under 2 minutes)
 test-fast: install
 	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
+
+# the GPU tier, on a machine with CUDA (skipped elsewhere); see README, GPUs
+test-gpu: install
+	$(BIN)/pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -11,6 +11,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import torch
 from ray import serve
@@ -21,6 +22,7 @@ from deployments.loading import load_encoder
 from deployments.metrics import EncoderMetrics
 from deployments.protocol import EncodeOptions, EncodeResult
 from deployments.settings import ModelConfig
+from deployments.weight_store import weight_bytes
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import EncodeStats, encode_folded
 from embedder.sentence_pooling import check_pooling_modes
@@ -29,6 +31,10 @@ from embedder.transformer_embedder import check_type_ids
 logger = logging.getLogger(__name__)
 
 WARM_UP_TEXT = "warm up the encoder"
+#: A replica whose last batch succeeded this recently is healthy without a probe (no probe waits in a busy queue).
+HEALTHY_IF_ANSWERED_WITHIN_S = 10.0
+#: How long the health probe's one-text forward may take (Serve's own health check timeout is 30 s).
+HEALTH_PROBE_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -64,25 +70,34 @@ class Encoder:
         self._metrics = EncoderMetrics(model.name)
         self._batcher: ContinuousBatcher[_Request, EncodeResult] = ContinuousBatcher(
             self._encode_batch, model.max_batch_tokens, model.batch_wait_timeout_s)
+        self._probe = self._encoder.indexer.fold([WARM_UP_TEXT])
         self._probe_digest = self._executor.submit(self._warm_up).result()
+        self._last_success = time.monotonic()
         self._ready_seconds = time.monotonic() - started
         logger.info("encoder %s ready on %s (%s) in %.2f s, weights from %s", model.name, self._device,
                     self._embedder.dtype, self._ready_seconds, self._weights_source)
 
     def _warm_up(self) -> str:
         """Run the model once; the digest of its answer tells replicas' weights apart."""
-        vectors = encode_folded(self._embedder, self._encoder.indexer.fold([WARM_UP_TEXT]), head=self._head)[0]
+        vectors = encode_folded(self._embedder, self._probe, head=self._head)[0]
         return hashlib.sha256(vectors.tobytes()).hexdigest()[:16]
 
     def replica_info(self) -> dict:
-        """This replica: where its weights came from, how long it took to be ready, its process."""
+        """This replica: where its weights came from, how long it took to be ready, its process, and
+        whether it touched CUDA at all (a CPU replica on a GPU node must not)."""
+        weights, weights_in_shared_memory = weight_bytes(self._embedder.transformer_model)
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
             "weights_source": self._weights_source,
+            "weight_bytes": weights,
+            "weight_bytes_in_shared_memory": weights_in_shared_memory,
             "ready_seconds": self._ready_seconds,
             "probe_digest": self._probe_digest,
+            "device": str(self._device),
+            "cuda_initialized": torch.cuda.is_initialized(),
+            "cuda_memory_allocated": torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0,
         }
 
     def info(self) -> dict:
@@ -106,9 +121,25 @@ class Encoder:
             "default_prompt_name": settings.default_prompt_name,
         }
 
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds; raising gets the replica replaced. Healthy when a batch
+        succeeded lately, else when a one-text forward (through the batcher, bounded) answers finite
+        vectors: a replica whose model cannot run any more (e.g. a CUDA context broken by a device-side
+        assert) fails it."""
+        if time.monotonic() - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
+            return
+        result = await asyncio.wait_for(self._batcher.submit(_Request(self._probe, EncodeOptions()),
+                                                             weight=self._probe.num_tokens),
+                                        timeout=HEALTH_PROBE_TIMEOUT_S)
+        if not np.isfinite(result.vectors).all():
+            raise RuntimeError(f"model {self._config.name!r} answers non-finite vectors")
+
     def _validate(self, batch: FoldedBatch, options: EncodeOptions) -> None:
         if options.level == "word" and not batch.has_words:
             raise BadRequestError("level 'word' needs pre-split words")
+        if batch.num_segments and int(batch.segment_lengths.max()) > self._encoder.settings.max_length:
+            raise BadRequestError(f"a segment of {int(batch.segment_lengths.max())} wordpieces is longer than "
+                                  f"model {self._config.name!r} takes ({self._encoder.settings.max_length})")
         if options.level == "chunk" and not batch.has_chunks:
             raise BadRequestError("level 'chunk' needs documents folded for chunking")
         if options.pooling is not None:
@@ -131,7 +162,8 @@ class Encoder:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
-        inference_ms = 1000 * (time.monotonic() - started)
+        self._last_success = time.monotonic()
+        inference_ms = 1000 * (self._last_success - started)
         self._metrics.batch_latency.observe(inference_ms, tags=self._metrics.tags)
         for entry, result in zip(queued, results):
             queue_ms = 1000 * (started - entry.enqueued)

@@ -12,7 +12,7 @@ from ray.serve.exceptions import RayServeException
 from deployments.settings import ModelConfig
 from deployments.weight_store import load_shared
 from embedder.cache import cached_model, put_model
-from embedder.devices import choose_dtype, resolve_device
+from embedder.devices import choose_dtype
 from embedder.indexer import PretrainedTransformerIndexer
 from embedder.sentence_encoder import SentenceEncoder
 
@@ -32,18 +32,34 @@ def weights_user(model: ModelConfig) -> str:
     return f"{context.app_name}/{context.deployment}"
 
 
+def placement(device: str, gpu_ids: list | None, cuda_available: bool) -> torch.device:
+    """Where a model runs: an explicit ``device`` as is; ``auto`` in a Ray actor (``gpu_ids`` the GPUs
+    Ray gave it) on CUDA only when Ray gave it a GPU, since Ray does not hide the node's GPUs from
+    actors that asked for none; ``auto`` outside Ray (``gpu_ids`` ``None``) on CUDA when there is one."""
+    if device != "auto":
+        return torch.device(device)
+    if gpu_ids is not None:
+        return torch.device("cuda" if gpu_ids and cuda_available else "cpu")
+    return torch.device("cuda" if cuda_available else "cpu")
+
+
+def replica_device(model: ModelConfig) -> torch.device:
+    """``placement`` for this process."""
+    in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    return placement(model.device, ray.get_gpu_ids() if in_actor else None, torch.cuda.is_available())
+
+
 def load_encoder(model: ModelConfig, threads: int | None = None,
                  user: str | None = None) -> tuple[SentenceEncoder, str]:
-    """The frozen sentence encoder (transformer and pooling head) on its device (CUDA when this
-    process sees a GPU) in its dtype, and where its weights came from (``"store"``, ``"disk"``,
-    ``"disk, no store"``).
+    """The frozen sentence encoder (transformer and pooling head) on its device (``replica_device``)
+    in its dtype, and where its weights came from (``"store"``, ``"disk"``, ``"disk, no store"``).
 
     With ``share_weights`` and Ray running, the weights come through the cluster's
     weight store, held by ``user`` (default: ``weights_user``). On CPU, torch uses ``threads`` threads (default: the model's
     ``torch_threads``, else its ``num_cpus``), so that replicas sharing a machine do
     not oversubscribe its cores.
     """
-    device = resolve_device(model.device)
+    device = replica_device(model)
     if device.type == "cpu":
         torch.set_num_threads(threads or model.torch_threads or max(1, int(round(model.num_cpus))))
     dtype = choose_dtype(model.dtype, device)

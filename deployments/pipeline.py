@@ -64,6 +64,17 @@ def stop_timings(token: Token) -> None:
     _timings.reset(token)
 
 
+#: Calls ``GET /models`` makes to a model's replicas to learn their dtypes and devices.
+MAX_REPLICAS_ASKED = 16
+
+
+def replica_placements(infos: list[dict]) -> dict:
+    """``dtype``/``device`` (``"mixed"`` when replicas differ) and every value seen, from replicas' infos."""
+    dtypes, devices = sorted({i["dtype"] for i in infos}), sorted({i["device"] for i in infos})
+    return {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes,
+            "device": devices[0] if len(devices) == 1 else "mixed", "devices": devices}
+
+
 class EmbeddingPipeline:
     """Validation, folding, encoding and retries for every served model."""
 
@@ -271,12 +282,18 @@ class EmbeddingPipeline:
         return tables, vectors, int(result.num_wordpieces.sum())
 
     async def list_models(self) -> list[dict]:
-        """Every served model with its settings, its deployment's status and its replicas by state."""
+        """Every served model with its settings, its deployment's status and its replicas by state.
+        Dtype and device are asked of several replicas (each decides on its own node's hardware):
+        ``"mixed"`` with the values in ``dtypes`` / ``devices`` when they differ."""
         statuses = await asyncio.to_thread(self._deployment_statuses)
         cards = []
         for config in self._settings.models:
-            info = await self._model_info(config.name)
-            cards.append({"id": config.name, **info, **statuses.get(config.name, {})})
+            status = statuses.get(config.name, {})
+            asks = min(MAX_REPLICAS_ASKED, 2 * status.get("replicas", {}).get("running", 0) + 1)
+            infos = await asyncio.gather(*(self._run(lambda: self._encoders[config.name].info.remote())
+                                           for _ in range(asks)))
+            self._infos[config.name] = infos[0]
+            cards.append({"id": config.name, **infos[0], **replica_placements(infos), **status})
         return cards
 
     async def not_ready(self) -> dict[str, str]:

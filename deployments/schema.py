@@ -201,8 +201,11 @@ class ModelCard(BaseModel):
     model_name: str
     dim: int = Field(..., description="The sentence vector's dimension (after any Dense module).")
     wordpiece_dim: int = Field(..., description="The dimension of /embed_tokens vectors.")
-    dtype: str
-    device: str
+    dtype: str = Field(..., description="The replicas' dtype, or 'mixed' (then see dtypes).")
+    dtypes: list[str] = Field(default_factory=list, description="Every dtype the replicas asked answered (each "
+                                                                 "decides on its own node: bf16 needs native support).")
+    device: str = Field(..., description="cpu, cuda, or 'mixed' (then see devices).")
+    devices: list[str] = Field(default_factory=list)
     max_length: int = Field(..., description="Wordpieces per segment: longer inputs are folded (or truncated).")
     layers: int
     last_layer_only: bool

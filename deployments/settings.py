@@ -18,6 +18,9 @@ from embedder.sentence_folder import resolve_prompt
 from embedder.sentence_pooling import PoolingMode
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+#: Token budget of one encoder batch: measured best on a 2-core CPU (README, Performance); a GPU wants far more.
+CPU_BATCH_TOKENS = 8192
+GPU_BATCH_TOKENS = 65536
 
 
 def bundled_model_path() -> str:
@@ -96,8 +99,8 @@ class ModelConfig(ReplicaSettings):
                                                    "(one copy per node), publishing them on a miss.")
     torch_threads: int | None = Field(None, ge=1, description="Torch threads of a CPU replica; None: num_cpus "
                                                               "rounded (at least 1).")
-    max_batch_tokens: int = Field(8192, ge=16, description="Token budget of one encoder batch (raise it on "
-                                                           "GPUs, e.g. 65536).")
+    max_batch_tokens: int | None = Field(None, ge=16, description="Token budget of one encoder batch; None: "
+                                                                  "8192 on CPUs, 65536 with num_gpus.")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long a request that finds the model idle "
                                                               "waits for others to batch with (under load, "
                                                               "batches form from what queued meanwhile).")
@@ -107,6 +110,8 @@ class ModelConfig(ReplicaSettings):
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError(f"model {self.name!r} has device 'cuda' but num_gpus {self.num_gpus}: Ray gives its "
                              "replicas no GPU; set num_gpus (e.g. 1, or a fraction to share a card)")
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = GPU_BATCH_TOKENS if self.num_gpus > 0 else CPU_BATCH_TOKENS
         return self
 
     def sentence_settings(self) -> SentenceSettings:

@@ -21,19 +21,20 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when this process sees a GPU, else the CPU."""
+    """``auto`` picks CUDA when this process sees a GPU, else the CPU (in a Ray actor, the serving code
+    places by what Ray gave the actor instead: ``deployments.loading.replica_device``)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def choose_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that has it (else fp16), bf16 on a CPU with fast bf16,
-    else fp32. Any explicit dtype wins."""
+    """``auto``: bf16 on a GPU that runs it natively (Ampere and later; emulated bf16 on a T4 or V100
+    is slow, so fp16 there), bf16 on a CPU with fast bf16, else fp32. Any explicit dtype wins."""
     if dtype not in (None, "auto"):
         return resolve_dtype(dtype)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32

@@ -45,38 +45,42 @@ class EncodeStats:
         return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: through pinned memory without waiting on CUDA, as is on the CPU."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 def _run_segments(
     embedder: PretrainedTransformerEmbedder,
     batch: FoldedBatch,
     max_batch_tokens: int,
     stats: EncodeStats | None,
 ) -> torch.Tensor:
-    """Every segment's output, laid out like ``batch.token_ids``: ``[num_tokens, dim]``."""
+    """Every segment's output, laid out like ``batch.token_ids``: ``[num_tokens, dim]``, on the
+    embedder's device. Every position is computed on the host, so the device never waits for the
+    host to learn a size (no boolean-mask indexing on the device)."""
     device = embedder.device
     lengths = batch.segment_lengths.astype(np.int64)
     starts = batch.segment_starts()
-    pin = device.type == "cuda"
-    token_ids = torch.from_numpy(batch.token_ids.astype(np.int64))
-    type_ids = None if batch.type_ids is None else torch.from_numpy(batch.type_ids.astype(np.int64))
+    token_ids = batch.token_ids.astype(np.int64)
+    type_ids = None if batch.type_ids is None else batch.type_ids.astype(np.int64)
     output = torch.empty(batch.num_tokens, embedder.get_output_dim(), dtype=torch.float32, device=device)
     groups = plan_sub_batches(lengths, max_batch_tokens)
     for group in groups:
         group_lengths = lengths[group]
         width = int(group_lengths.max())
         positions = np.arange(width)
-        mask_np = positions[None, :] < group_lengths[:, None]
-        source = torch.from_numpy(np.where(mask_np, starts[group][:, None] + positions[None, :], 0))
-        mask = torch.from_numpy(mask_np)
-        ids = token_ids[source].masked_fill_(~mask, embedder.pad_token_id)
-        types = None if type_ids is None else type_ids[source].masked_fill_(~mask, 0)
-        if pin:
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-            types = None if types is None else types.pin_memory()
-        ids = ids.to(device, non_blocking=True)
-        mask_device = mask.to(device, non_blocking=True)
-        types = None if types is None else types.to(device, non_blocking=True)
-        hidden = embedder.encode_segments(ids, mask_device, types)
-        output[source[mask].to(device, non_blocking=True)] = hidden[mask_device].float()
+        mask = positions[None, :] < group_lengths[:, None]
+        source = np.where(mask, starts[group][:, None] + positions[None, :], 0)
+        ids = np.where(mask, token_ids[source], embedder.pad_token_id)
+        types = None if type_ids is None else _to_device(np.where(mask, type_ids[source], 0), device)
+        real = np.flatnonzero(mask)  # the real tokens among the padded batch's positions
+        hidden = embedder.encode_segments(_to_device(ids, device), _to_device(mask, device), types)
+        output.index_copy_(0, _to_device(source.reshape(-1)[real], device),
+                           hidden.reshape(-1, hidden.size(-1)).index_select(0, _to_device(real, device)).float())
     if stats is not None:
         stats.real_tokens += batch.num_tokens
         stats.computed_tokens += padded_tokens(lengths, groups)
@@ -85,7 +89,8 @@ def _run_segments(
 
 
 def _split_rows(rows: torch.Tensor, sizes: np.ndarray) -> list[np.ndarray]:
-    return [part.cpu().numpy() for part in torch.split(rows, sizes.tolist())]
+    """One copy back to the host, then numpy views per input."""
+    return np.split(rows.cpu().numpy(), np.cumsum(sizes)[:-1])
 
 
 @overload
@@ -143,7 +148,7 @@ def encode_folded(
 
     with torch.inference_mode():
         flat = _run_segments(embedder, merged, max_batch_tokens, stats)
-        unfolded = flat[torch.from_numpy(unfold_index(merged)).to(flat.device)]
+        unfolded = flat.index_select(0, _to_device(unfold_index(merged), flat.device))
         inputs_per_batch = np.array([b.num_inputs for b in batch_list])
         if level == "pooled":
             prompt_lengths = None if merged.prompt_lengths is None else torch.from_numpy(merged.prompt_lengths)
@@ -158,15 +163,17 @@ def encode_folded(
             bounds = np.cumsum(inputs_per_batch)
             results = [arrays[end - n:end] for end, n in zip(bounds, inputs_per_batch)]
         else:
-            sequences = torch.split(unfolded, merged.num_wordpieces.tolist())
+            sizes = merged.num_wordpieces
             if level == "word":
-                offsets = torch.from_numpy(merged.word_offsets.astype(np.int64)).to(flat.device)
+                offsets = _to_device(merged.word_offsets.astype(np.int64), flat.device)
                 word_starts = merged.word_starts()
-                sequences = [
+                sequences = torch.split(unfolded, sizes.tolist())
+                unfolded = torch.cat([
                     pool_spans(seq.unsqueeze(0), offsets[start:start + count].unsqueeze(0), sub_token_mode)[0]
                     for seq, start, count in zip(sequences, word_starts, merged.words_per_input)
-                ]
-            arrays = [seq.cpu().numpy() for seq in sequences]
+                ])
+                sizes = merged.words_per_input
+            arrays = _split_rows(unfolded, sizes)
             bounds = np.cumsum(inputs_per_batch)
             results = [arrays[end - n:end] for end, n in zip(bounds, inputs_per_batch)]
     return results[0] if single else results

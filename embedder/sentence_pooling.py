@@ -35,21 +35,20 @@ def pool_ragged(flat: torch.Tensor, lengths: torch.Tensor, modes: str | Sequence
     0) by ``i + 1``, ``mean_sqrt_len_tokens`` divides the sum by the square root of the count.
     ``skip`` (per sequence) leaves that many leading positions out: the prompt, when a model's
     pooling has ``include_prompt: false``; positions keep their weights. ``normalize`` scales
-    each vector to unit L2 norm.
+    each vector to unit L2 norm. Every reduction is deterministic.
     """
     modes = check_pooling_modes(modes)
-    lengths = lengths.to(device=flat.device, dtype=torch.long)
-    if bool((lengths <= 0).any()):
+    if bool((lengths <= 0).any()):  # checked where the lengths are (the host), before they move
         raise ValueError("cannot pool a sequence of no wordpieces")
-    n, dim = lengths.numel(), flat.size(-1)
+    lengths = lengths.to(device=flat.device, dtype=torch.long)
     ends = torch.cumsum(lengths, 0)
     starts = ends - lengths
-    owner = torch.repeat_interleave(torch.arange(n, device=flat.device), lengths)
-    position = torch.arange(flat.size(0), device=flat.device) - starts[owner]
+    rows = flat.size(0)  # given, so that repeating on the device needs no size from it
+    position = torch.arange(rows, device=flat.device) - torch.repeat_interleave(starts, lengths, output_size=rows)
     skip = torch.zeros_like(lengths) if skip is None else skip.to(device=flat.device, dtype=torch.long)
-    kept = position >= skip[owner]
+    kept = position >= torch.repeat_interleave(skip, lengths, output_size=rows)
     weights = kept.to(flat.dtype)
-    counts = torch.zeros(n, dtype=flat.dtype, device=flat.device).index_add(0, owner, weights)
+    counts = _segment_sum(weights, lengths)
     outputs = []
     for mode in modes:
         if mode == "cls":
@@ -59,19 +58,24 @@ def pool_ragged(flat: torch.Tensor, lengths: torch.Tensor, modes: str | Sequence
             outputs.append(flat[ends - 1] * (skip < lengths).to(flat.dtype).unsqueeze(-1))
         elif mode == "max":
             masked = flat.masked_fill(~kept.unsqueeze(-1), float("-inf"))
-            outputs.append(flat.new_full((n, dim), float("-inf")).scatter_reduce(
-                0, owner.unsqueeze(-1).expand(-1, dim), masked, reduce="amax"))
+            outputs.append(torch.segment_reduce(masked, "max", lengths=lengths, axis=0))
         else:
             if mode == "weightedmean":
                 weights_here = weights * (position + 1).to(flat.dtype)
-                total = torch.zeros(n, dtype=flat.dtype, device=flat.device).index_add(0, owner, weights_here)
+                total = _segment_sum(weights_here, lengths)
             else:
                 weights_here = weights
                 total = counts if mode == "mean" else counts.sqrt()
-            summed = flat.new_zeros(n, dim).index_add(0, owner, flat * weights_here.unsqueeze(-1))
+            summed = _segment_sum(flat * weights_here.unsqueeze(-1), lengths)
             outputs.append(summed / total.clamp_min(1e-9).unsqueeze(-1))
     pooled = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+
+def _segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sums of consecutive runs of rows: a segmented reduction, deterministic on CUDA too (no atomics,
+    unlike ``index_add``), so replicas of one model answer bit-equal vectors."""
+    return torch.segment_reduce(values, "sum", lengths=lengths, axis=0)
 
 
 def pool_sentences(embeddings: torch.Tensor, mask: torch.Tensor, modes: str | Sequence[str] = "mean",

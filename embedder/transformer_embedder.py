@@ -9,6 +9,7 @@ from transformers import PretrainedConfig, XLNetConfig
 
 from embedder.cache import ModelSpec, cached_model, get_tokenizer
 from embedder.folding import fold_padded, unfold_padded
+from embedder.lengths import usable_positions
 from embedder.scalar_mix import ScalarMix
 from embedder.special_tokens import SpecialTokens
 
@@ -136,6 +137,7 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
         self.special_tokens = SpecialTokens.from_tokenizer(tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.type_vocab_size = number_of_token_type_embeddings(self.config)
+        self.max_positions = usable_positions(self.config)
         self.train_parameters = train_parameters
         for parameter in self.transformer_model.parameters():
             parameter.requires_grad = train_parameters
@@ -164,7 +166,12 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
         self, token_ids: torch.Tensor, attention_mask: torch.Tensor, type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run the transformer on ``[segments, length]`` ids: ``[segments, length, dim]``,
-        the last layer or the scalar mix of all layers. Type ids must be checked already."""
+        the last layer or the scalar mix of all layers. Type ids must be checked already. A segment
+        longer than the positions the model has is a ``ValueError`` here (on a GPU it would be a
+        device-side assert that breaks the process's CUDA context)."""
+        if self.max_positions is not None and token_ids.size(1) > self.max_positions:
+            raise ValueError(f"segments of {token_ids.size(1)} wordpieces are longer than the "
+                             f"{self.max_positions} positions of {self.model_name}; fold them (max_length)")
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_parameters):
             output = run_transformer(self.transformer_model, token_ids, attention_mask, type_ids,
                                      all_layers=self._scalar_mix is not None)
