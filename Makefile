@@ -3,7 +3,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast test-gpu clean
+.PHONY: install serve test test-fast test-gpu bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test-fast: install
 # the GPU tier, on a machine with CUDA (skipped elsewhere); see README, GPUs
 test-gpu: install
 	$(BIN)/pytest -m gpu tests/gpu $(PYTEST_ARGS)
+
+# every contender of the bench, ONNX Runtime included (about 12 minutes on 2 cores)
+bench: install
+	$(BIN)/pip install -c constraints.txt -e '.[test,bench]'
+	$(BIN)/embedding-cluster bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -16,7 +16,9 @@ import json
 import logging
 import re
 import statistics
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,6 +95,8 @@ class Result:
     padding_efficiency: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    cores: dict[str, float] = field(default_factory=dict)  # CPU cores each process used during the row's run
+    dtype: str = ""
     short_only: bool = False  # compared with the limit on the short texts, else with the whole corpus
     compare: bool = True  # False: another mix than the limit's, no ratio
 
@@ -128,8 +132,9 @@ def bench_limit(model: ModelConfig, texts: list[str], repeats: int, name: str, s
     encode_folded(embedder, batch, head=encoder.head, max_batch_tokens=model.max_batch_tokens, stats=stats)
     seconds = _timed(lambda: encode_folded(embedder, batch, head=encoder.head,
                                            max_batch_tokens=model.max_batch_tokens), repeats)
-    return Result(name, len(texts), seconds, int(batch.num_wordpieces.sum()),
-                  stats.padding_efficiency, f"{embedder.dtype}".removeprefix("torch."), short_only=short_only)
+    dtype = f"{embedder.dtype}".removeprefix("torch.")
+    return Result(name, len(texts), seconds, int(batch.num_wordpieces.sum()), stats.padding_efficiency,
+                  note=dtype, dtype=dtype, short_only=short_only)
 
 
 def bench_naive(model: ModelConfig, corpus: Corpus, repeats: int) -> Result:
@@ -179,6 +184,91 @@ def bench_sentence_transformers(model: ModelConfig, corpus: Corpus, repeats: int
     return results
 
 
+def bench_forward_latency(model: ModelConfig, texts: list[str]) -> Result:
+    """One short text through ``encode_folded`` in this process (folding included): what the
+    cluster's single-text latency is measured against."""
+    import torch
+
+    encoder, _ = load_encoder(model, threads=torch.get_num_threads())
+
+    def forward(text: str) -> None:
+        encode_folded(encoder.embedder, encoder.indexer.fold([text]), head=encoder.head)
+
+    for text in texts[:10]:
+        forward(text)
+    return Result("latency, one short text", len(texts), 0.0, extra={"in-process forward": _latency(forward, texts)})
+
+
+def bench_kernels(model: ModelConfig, corpus: Corpus, repeats: int) -> list[Result]:
+    """The fp32 CPU kernels a user could pick instead, on the same short texts in the same
+    length-sorted batches of 32: PyTorch eager, and ONNX Runtime on the model exported here with
+    ``torch.onnx`` (skipped when ``onnxruntime``/``onnxscript`` are not installed: ``pip install
+    '.[bench]'``). Vectors: masked mean of the last layer, compared by cosine with PyTorch's."""
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        logger.info("ONNX Runtime row skipped: pip install '.[bench]'")
+        return []
+    import tempfile
+
+    import torch
+
+    encoder, _ = load_encoder(model.model_copy(update={"dtype": "float32"}), threads=torch.get_num_threads())
+    transformer = encoder.embedder.transformer_model
+    batch = encoder.indexer.fold(corpus.short)
+    segments = sorted(np.split(batch.token_ids, np.cumsum(batch.segment_lengths)[:-1]), key=len)
+    batches = []
+    for start in range(0, len(segments), 32):
+        chunk = segments[start:start + 32]
+        ids = np.zeros((len(chunk), max(len(s) for s in chunk)), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, segment in enumerate(chunk):
+            ids[row, :len(segment)], mask[row, :len(segment)] = segment, 1
+        batches.append((ids, mask))
+
+    def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+
+    def run_torch() -> list[np.ndarray]:
+        with torch.inference_mode():
+            return [mean_pooled(transformer(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+                                .last_hidden_state.numpy(), mask) for ids, mask in batches]
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    with tempfile.TemporaryDirectory() as folder:
+        rows, width = torch.export.Dim("rows"), torch.export.Dim("width", max=int(batch.segment_lengths.max()) + 1)
+        program = torch.onnx.export(LastHidden(), tuple(torch.from_numpy(a) for a in batches[-1]), dynamo=True,
+                                    input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                                    dynamic_shapes={"input_ids": {0: rows, 1: width},
+                                                    "attention_mask": {0: rows, 1: width}}, verbose=False)
+        program.optimize()
+        program.save(f"{folder}/model.onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(f"{folder}/model.onnx", options, providers=["CPUExecutionProvider"])
+
+    def run_onnx() -> list[np.ndarray]:
+        return [mean_pooled(session.run(None, {"input_ids": ids, "attention_mask": mask})[0], mask)
+                for ids, mask in batches]
+
+    reference, onnx = np.concatenate(run_torch()), np.concatenate(run_onnx())
+    cosine = (reference * onnx).sum(1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(onnx, axis=1)
+    wordpieces = int(batch.num_wordpieces.sum())
+    note = "short texts, length-sorted batches of 32"
+    return [Result("kernel: PyTorch eager fp32", len(corpus.short), _timed(run_torch, repeats), wordpieces,
+                   note=note, short_only=True),
+            Result("kernel: ONNX Runtime fp32 (exported here)", len(corpus.short), _timed(run_onnx, repeats),
+                   wordpieces, note=f"{note}; min cos to PyTorch {cosine.min():.6f}", short_only=True)]
+
+
 def _chunks(texts: list[str], size: int = TEXTS_PER_REQUEST) -> list[list[str]]:
     return [texts[i:i + size] for i in range(0, len(texts), size)]
 
@@ -209,6 +299,32 @@ async def _handle_run(client, texts: list[str]) -> None:
             await client.aembed(chunk)
 
     await asyncio.gather(*(send(c) for c in _chunks(texts)))
+
+
+def _cores_by_process(run: Callable[[], object]) -> dict[str, float]:
+    """CPU cores each of this machine's Ray processes (and this one) used while ``run`` ran: where a
+    run's time goes when the cluster shares the machine's cores."""
+    import psutil
+
+    processes = [p for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::")] + [psutil.Process()]
+    names = {p.pid: p.info["cmdline"][0].removeprefix("ray::") if p.pid != os.getpid() else "client (this process)"
+             for p in processes}
+
+    def cpu_seconds(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+            return times.user + times.system
+        except psutil.Error:
+            return 0.0
+
+    before = {p.pid: cpu_seconds(p) for p in processes}
+    seconds = _once(run)
+    cores: dict[str, float] = {}
+    for process in processes:
+        name = names[process.pid]
+        cores[name] = cores.get(name, 0.0) + (cpu_seconds(process) - before[process.pid]) / seconds
+    return {name: round(c, 2) for name, c in sorted(cores.items(), key=lambda kv: -kv[1]) if c >= 0.01}
 
 
 def _latency(call, texts: list[str]) -> dict[str, float]:
@@ -243,6 +359,7 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
         short_http = Result("cluster over HTTP, short texts only", len(corpus.short),
                             _timed(lambda: asyncio.run(_http_run(url, corpus.short)), repeats), short_wordpieces,
                             short_only=True)
+        short_http.cores = _cores_by_process(lambda: asyncio.run(_http_run(url, corpus.short)))
         probes = corpus.short[:latency_requests]
         with httpx.Client(base_url=url, timeout=60) as http:
             http_latency = _latency(lambda t: http.post("/embed", json={"inputs": [t]}).raise_for_status(), probes)
@@ -320,10 +437,19 @@ def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_r
     model = config.models[0]
     results = [bench_limit(model, corpus.texts, repeats, "limit: encode_folded in-process"),
                bench_limit(model, corpus.short, repeats, "limit, short texts only", short_only=True),
+               bench_limit(model.model_copy(update={"dtype": "float32"}), corpus.short, repeats,
+                           "limit, short texts only, fp32", short_only=True),
                bench_naive(model, corpus, repeats)]
     results += bench_sentence_transformers(model, corpus, repeats)
+    results += bench_kernels(model, corpus, repeats)
+    forward = bench_forward_latency(model, corpus.short[:latency_requests])
     if cluster:
-        results += bench_cluster(config, corpus, repeats, latency_requests)
+        cluster_results = bench_cluster(config, corpus, repeats, latency_requests)
+        latency = next(r for r in cluster_results if r.name == forward.name)
+        latency.extra = forward.extra | latency.extra
+        results += cluster_results
+    else:
+        results.append(forward)
     limit, short_limit = results[0], results[1]
     rows = []
     for result in results:
@@ -334,7 +460,43 @@ def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_r
             row["ratio_to_limit"] = result.wordpieces_per_s / reference.wordpieces_per_s
         rows.append(row)
     return {"model": model.name, "short_texts": len(corpus.short), "long_texts": len(corpus.long),
-            "repeats": repeats, "results": rows}
+            "repeats": repeats, "results": rows, "targets": targets(rows)}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The serving-speed targets, each with this run's figure and whether it is met (those whose
+    rows did not run are left out)."""
+    by_name = {row["name"]: row for row in rows}
+    found = []
+
+    def check(target: str, figure: float | None, goal: float, at_most: bool = False) -> None:
+        if figure is not None:
+            found.append({"target": target, "figure": round(figure, 3), "goal": f"{'<=' if at_most else '>='} {goal}",
+                          "met": figure <= goal if at_most else figure >= goal})
+
+    def rate(name: str) -> float | None:
+        row = by_name.get(name)
+        return row["texts_per_s"] if row else None
+
+    latency = by_name.get("latency, one short text", {}).get("extra", {})
+    forward = latency.get("in-process forward")
+    if forward and "http" in latency:
+        check("one short text over HTTP, p50 / in-process forward p50", latency["http"]["p50_ms"] / forward["p50_ms"],
+              2.0, at_most=True)
+        check("one short text over HTTP, p95 / in-process forward p50", latency["http"]["p95_ms"] / forward["p50_ms"],
+              3.0, at_most=True)
+    for name, goal in (("cluster over HTTP, short texts only", 0.8), ("cluster over HTTP, 32 concurrent clients", 0.9),
+                       ("bulk: embed_dataset, steady", 0.9)):
+        if "ratio_to_limit" in by_name.get(name, {}):
+            check(f"{name} / limit", by_name[name]["ratio_to_limit"], goal)
+    dtype = by_name["limit, short texts only"]["dtype"] if "limit, short texts only" in by_name else None
+    short_http, same_dtype = rate("cluster over HTTP, short texts only"), rate(f"sentence-transformers encode ({dtype})")
+    if short_http and same_dtype:
+        check(f"short texts over HTTP / sentence-transformers {dtype}", short_http / same_dtype, 1.5)
+    fp32_limit, onnx = rate("limit, short texts only, fp32"), rate("kernel: ONNX Runtime fp32 (exported here)")
+    if fp32_limit and onnx:
+        check("limit fp32 / ONNX Runtime fp32, short texts", fp32_limit / onnx, 1.0)
+    return found
 
 
 def format_table(report: dict) -> str:
@@ -344,14 +506,25 @@ def format_table(report: dict) -> str:
              f"{'contender':48} {'texts/s':>9} {'wordpieces/s':>13} {'/limit':>7} {'padding eff.':>12}  note"]
     for row in report["results"]:
         if row["extra"]:
+            forward = row["extra"].get("in-process forward")
             for where, figures in row["extra"].items():
+                times = (f" = {figures['p50_ms'] / forward['p50_ms']:.1f}x / {figures['p95_ms'] / forward['p50_ms']:.1f}x "
+                         "the forward's p50" if forward and figures is not forward else "")
                 lines.append(f"{row['name'] + ' (' + where + ')':48} p50 {figures['p50_ms']:.1f} ms, "
-                             f"p95 {figures['p95_ms']:.1f} ms")
+                             f"p95 {figures['p95_ms']:.1f} ms{times}")
             continue
         ratio = f"{row['ratio_to_limit']:.2f}" if "ratio_to_limit" in row else "-"
         efficiency = f"{row['padding_efficiency']:.3f}" if row["padding_efficiency"] is not None else "-"
         lines.append(f"{row['name']:48} {row['texts_per_s']:9.1f} {row['wordpieces_per_s']:13.0f} {ratio:>7} "
                      f"{efficiency:>12}  {row['note']}")
+        if row["cores"]:
+            lines.append("  CPU cores by process during that run: " +
+                         ", ".join(f"{name} {cores:.2f}" for name, cores in row["cores"].items()))
+    if report.get("targets"):
+        lines.append("targets:")
+        for target in report["targets"]:
+            lines.append(f"  {'met   ' if target['met'] else 'missed'} {target['target']}: {target['figure']:.2f} "
+                         f"(goal {target['goal']})")
     return "\n".join(lines)
 
 

@@ -38,3 +38,17 @@ def test_bench_quick(tmp_path):
         if "ratio_to_limit" in row and not row["short_only"]:
             assert row["ratio_to_limit"] == pytest.approx(row["wordpieces_per_s"] / limit["wordpieces_per_s"])
     assert "contender" in result.stdout and "p50" in result.stdout
+    assert rows["limit, short texts only, fp32"]["dtype"] == "float32"
+    latency = rows["latency, one short text"]["extra"]
+    assert set(latency) == {"in-process forward", "http", "handle"}
+    # where the time goes: the encoder replica is among the processes that used CPU during the HTTP run
+    cores = rows["cluster over HTTP, short texts only"]["cores"]
+    assert any("encoder" in name and used > 0 for name, used in cores.items()), cores
+    targets = {t["target"]: t for t in report["targets"]}
+    http_p50 = targets["one short text over HTTP, p50 / in-process forward p50"]
+    assert http_p50["figure"] == pytest.approx(latency["http"]["p50_ms"] / latency["in-process forward"]["p50_ms"],
+                                               abs=1e-3)
+    assert http_p50["met"] == (http_p50["figure"] <= 2.0)
+    onnx = rows.get("kernel: ONNX Runtime fp32 (exported here)")
+    if onnx is not None:  # installed with '.[bench]': the exported model gives PyTorch's vectors
+        assert float(onnx["note"].rsplit(" ", 1)[1]) > 0.9999
