@@ -134,7 +134,7 @@ def bench_limit(model: ModelConfig, texts: list[str], repeats: int, name: str, s
                                            max_batch_tokens=model.max_batch_tokens), repeats)
     dtype = f"{embedder.dtype}".removeprefix("torch.")
     return Result(name, len(texts), seconds, int(batch.num_wordpieces.sum()), stats.padding_efficiency,
-                  note=dtype, dtype=dtype, short_only=short_only)
+                  note=f"{dtype} on {embedder.device.type}", dtype=dtype, short_only=short_only)
 
 
 def bench_naive(model: ModelConfig, corpus: Corpus, repeats: int) -> Result:

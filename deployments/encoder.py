@@ -73,6 +73,7 @@ class Encoder:
         self._probe = self._encoder.indexer.fold([WARM_UP_TEXT])
         self._probe_digest = self._executor.submit(self._warm_up).result()
         self._last_success = time.monotonic()
+        self._batch_running = False
         self._ready_seconds = time.monotonic() - started
         logger.info("encoder %s ready on %s (%s) in %.2f s, weights from %s", model.name, self._device,
                     self._embedder.dtype, self._ready_seconds, self._weights_source)
@@ -123,10 +124,11 @@ class Encoder:
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds; raising gets the replica replaced. Healthy when a batch
-        succeeded lately, else when a one-text forward (through the batcher, bounded) answers finite
-        vectors: a replica whose model cannot run any more (e.g. a CUDA context broken by a device-side
-        assert) fails it."""
-        if time.monotonic() - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
+        succeeded lately or one is running (a long request must not get its replica killed: a broken
+        model fails the batch at once, and the next check probes), else when a one-text forward
+        (through the batcher, bounded) answers finite vectors: a replica whose model cannot run any
+        more (e.g. a CUDA context broken by a device-side assert) fails it."""
+        if self._batch_running or time.monotonic() - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
             return
         result = await asyncio.wait_for(self._batcher.submit(_Request(self._probe, EncodeOptions()),
                                                              weight=self._probe.num_tokens),
@@ -161,7 +163,11 @@ class Encoder:
     async def _encode_batch(self, queued: list[Queued[_Request]]) -> list[EncodeResult]:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
+        self._batch_running = True
+        try:
+            results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
+        finally:
+            self._batch_running = False
         self._last_success = time.monotonic()
         inference_ms = 1000 * (self._last_success - started)
         self._metrics.batch_latency.observe(inference_ms, tags=self._metrics.tags)

@@ -289,9 +289,12 @@ class EmbeddingPipeline:
         cards = []
         for config in self._settings.models:
             status = statuses.get(config.name, {})
-            asks = min(MAX_REPLICAS_ASKED, 2 * status.get("replicas", {}).get("running", 0) + 1)
-            infos = await asyncio.gather(*(self._run(lambda: self._encoders[config.name].info.remote())
-                                           for _ in range(asks)))
+            running = status.get("replicas", {}).get("running", 0)
+            if not running and config.name in self._infos:  # no replica to ask now: the last answer
+                infos = [self._infos[config.name]]
+            else:
+                infos = await asyncio.gather(*(self._run(lambda: self._encoders[config.name].info.remote())
+                                               for _ in range(min(MAX_REPLICAS_ASKED, 2 * running + 1))))
             self._infos[config.name] = infos[0]
             cards.append({"id": config.name, **infos[0], **replica_placements(infos), **status})
         return cards

@@ -16,6 +16,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from embedder.devices import host_to_device
 from embedder.sentence_head import SentenceHead
 
 DEFAULT_CHUNK_SIZE = 128
@@ -100,5 +101,5 @@ def chunk_vectors(wordpiece_vectors: torch.Tensor, spans: np.ndarray | Sequence[
         raise ValueError("chunk spans must be non-empty and inside the sequence")
     rows = np.repeat(spans[:, 0] - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(lengths.sum())
     head = head or SentenceHead(wordpiece_vectors.size(-1))
-    index = torch.from_numpy(rows).to(wordpiece_vectors.device)
+    index = host_to_device(torch.from_numpy(rows), wordpiece_vectors.device)
     return head(wordpiece_vectors[index], torch.from_numpy(lengths), pooling="mean", normalize=normalize)

@@ -28,6 +28,14 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: to CUDA through pinned memory without waiting on the device (a
+    pageable copy blocks until the stream is idle), as is on the CPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def choose_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU that runs it natively (Ampere and later; emulated bf16 on a T4 or V100
     is slow, so fp16 there), bf16 on a CPU with fast bf16, else fp32. Any explicit dtype wins."""

@@ -18,6 +18,7 @@ import torch
 
 from embedder.batching import padded_tokens, plan_sub_batches
 from embedder.chunking import chunk_vectors
+from embedder.devices import host_to_device
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
 from embedder.sentence_head import SentenceHead
@@ -45,14 +46,6 @@ class EncodeStats:
         return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``: through pinned memory without waiting on CUDA, as is on the CPU."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
-
-
 def _run_segments(
     embedder: PretrainedTransformerEmbedder,
     batch: FoldedBatch,
@@ -76,11 +69,12 @@ def _run_segments(
         mask = positions[None, :] < group_lengths[:, None]
         source = np.where(mask, starts[group][:, None] + positions[None, :], 0)
         ids = np.where(mask, token_ids[source], embedder.pad_token_id)
-        types = None if type_ids is None else _to_device(np.where(mask, type_ids[source], 0), device)
+        types = None if type_ids is None else host_to_device(torch.from_numpy(np.where(mask, type_ids[source], 0)), device)
         real = np.flatnonzero(mask)  # the real tokens among the padded batch's positions
-        hidden = embedder.encode_segments(_to_device(ids, device), _to_device(mask, device), types)
-        output.index_copy_(0, _to_device(source.reshape(-1)[real], device),
-                           hidden.reshape(-1, hidden.size(-1)).index_select(0, _to_device(real, device)).float())
+        hidden = embedder.encode_segments(host_to_device(torch.from_numpy(ids), device),
+                                          host_to_device(torch.from_numpy(mask), device), types)
+        output.index_copy_(0, host_to_device(torch.from_numpy(source.reshape(-1)[real]), device),
+                           hidden.reshape(-1, hidden.size(-1)).index_select(0, host_to_device(torch.from_numpy(real), device)).float())
     if stats is not None:
         stats.real_tokens += batch.num_tokens
         stats.computed_tokens += padded_tokens(lengths, groups)
@@ -148,7 +142,7 @@ def encode_folded(
 
     with torch.inference_mode():
         flat = _run_segments(embedder, merged, max_batch_tokens, stats)
-        unfolded = flat.index_select(0, _to_device(unfold_index(merged), flat.device))
+        unfolded = flat.index_select(0, host_to_device(torch.from_numpy(unfold_index(merged)), flat.device))
         inputs_per_batch = np.array([b.num_inputs for b in batch_list])
         if level == "pooled":
             prompt_lengths = None if merged.prompt_lengths is None else torch.from_numpy(merged.prompt_lengths)
@@ -165,7 +159,7 @@ def encode_folded(
         else:
             sizes = merged.num_wordpieces
             if level == "word":
-                offsets = _to_device(merged.word_offsets.astype(np.int64), flat.device)
+                offsets = host_to_device(torch.from_numpy(merged.word_offsets.astype(np.int64)), flat.device)
                 word_starts = merged.word_starts()
                 sequences = torch.split(unfolded, sizes.tolist())
                 unfolded = torch.cat([

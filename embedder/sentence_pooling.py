@@ -9,6 +9,8 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from embedder.devices import host_to_device
+
 PoolingMode = Literal["mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"]
 POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)
 
@@ -38,14 +40,17 @@ def pool_ragged(flat: torch.Tensor, lengths: torch.Tensor, modes: str | Sequence
     each vector to unit L2 norm. Every reduction is deterministic.
     """
     modes = check_pooling_modes(modes)
-    if bool((lengths <= 0).any()):  # checked where the lengths are (the host), before they move
+    # checked where the lengths are (the host), before they move: the reductions below trust them
+    if bool((lengths <= 0).any()):
         raise ValueError("cannot pool a sequence of no wordpieces")
-    lengths = lengths.to(device=flat.device, dtype=torch.long)
+    if int(lengths.sum()) != flat.size(0):
+        raise ValueError(f"lengths add up to {int(lengths.sum())}, not to the {flat.size(0)} rows to pool")
+    lengths = host_to_device(lengths.long(), flat.device)
     ends = torch.cumsum(lengths, 0)
     starts = ends - lengths
     rows = flat.size(0)  # given, so that repeating on the device needs no size from it
     position = torch.arange(rows, device=flat.device) - torch.repeat_interleave(starts, lengths, output_size=rows)
-    skip = torch.zeros_like(lengths) if skip is None else skip.to(device=flat.device, dtype=torch.long)
+    skip = torch.zeros_like(lengths) if skip is None else host_to_device(skip.long(), flat.device)
     kept = position >= torch.repeat_interleave(skip, lengths, output_size=rows)
     weights = kept.to(flat.dtype)
     counts = _segment_sum(weights, lengths)
@@ -58,7 +63,7 @@ def pool_ragged(flat: torch.Tensor, lengths: torch.Tensor, modes: str | Sequence
             outputs.append(flat[ends - 1] * (skip < lengths).to(flat.dtype).unsqueeze(-1))
         elif mode == "max":
             masked = flat.masked_fill(~kept.unsqueeze(-1), float("-inf"))
-            outputs.append(torch.segment_reduce(masked, "max", lengths=lengths, axis=0))
+            outputs.append(_segment_max(masked, lengths))
         else:
             if mode == "weightedmean":
                 weights_here = weights * (position + 1).to(flat.dtype)
@@ -73,9 +78,23 @@ def pool_ragged(flat: torch.Tensor, lengths: torch.Tensor, modes: str | Sequence
 
 
 def _segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sums of consecutive runs of rows: a segmented reduction, deterministic on CUDA too (no atomics,
-    unlike ``index_add``), so replicas of one model answer bit-equal vectors."""
-    return torch.segment_reduce(values, "sum", lengths=lengths, axis=0)
+    """Sums of consecutive runs of rows, deterministic on every device, so replicas of one model answer
+    bit-equal vectors. On CUDA a segmented reduction (``index_add`` adds with atomics there, in no fixed
+    order); on the CPU ``index_add``, which adds in order and runs 6-40x faster than the CPU's segmented
+    reduction (200k rows of 384: 21 ms against 811 ms as one run). ``unsafe``: the lengths were checked
+    on the host, so the device need not check them (that would wait for it)."""
+    if values.device.type == "cuda":
+        return torch.segment_reduce(values, "sum", lengths=lengths, axis=0, unsafe=True)
+    segments = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=values.size(0))
+    return values.new_zeros((lengths.numel(), *values.shape[1:])).index_add_(0, segments, values)
+
+
+def _segment_max(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Element-wise maxima of consecutive runs of rows (exact in any order): a segmented reduction on
+    CUDA, a maximum per run on the CPU (where the segmented reduction is the slow one)."""
+    if values.device.type == "cuda":
+        return torch.segment_reduce(values, "max", lengths=lengths, axis=0, unsafe=True)
+    return torch.stack([run.amax(0) for run in values.split(lengths.tolist())])
 
 
 def pool_sentences(embeddings: torch.Tensor, mask: torch.Tensor, modes: str | Sequence[str] = "mean",

@@ -4,6 +4,7 @@ dtypes across replicas, length guards, deterministic pooling, and the encoder's 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -61,9 +62,10 @@ def test_pooling_does_not_depend_on_batch_mates():
     assert torch.equal(together[1], alone[0])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def encoder(minilm_path):
-    """The encoder deployment's class, in this process."""
+    """The encoder deployment's class, in this process (one per test: its batcher belongs to the event
+    loop of the test's ``asyncio.run``)."""
     return Encoder.func_or_class(ModelConfig(name="minilm", model_name=minilm_path, dtype="float32").resolved())
 
 
@@ -83,6 +85,35 @@ def test_health_check_runs_a_forward_and_fails_when_the_model_cannot(encoder):
         await encoder.check_health()
 
     asyncio.run(scenario())
+
+
+def test_a_long_batch_keeps_its_replica_healthy(encoder, minilm_path):
+    """A health check during a batch that runs long must not queue a probe behind it (three probes
+    timing out would get Serve to kill the replica mid-request)."""
+    forward, entered, release = encoder._embedder.transformer_model.forward, threading.Event(), threading.Event()
+
+    def gated(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return forward(*args, **kwargs)
+
+    encoder._embedder.transformer_model.forward = gated
+
+    async def scenario() -> np.ndarray:
+        running = asyncio.ensure_future(encoder.encode(PretrainedTransformerIndexer(minilm_path).fold(["long"]),
+                                                       EncodeOptions()))
+        await asyncio.to_thread(entered.wait, 60)
+        encoder._last_success -= 100
+        try:
+            await asyncio.wait_for(encoder.check_health(), timeout=5)
+        finally:
+            release.set()
+        return (await running).vectors
+
+    try:
+        assert asyncio.run(scenario()).shape == (1, 384)
+    finally:
+        encoder._embedder.transformer_model.forward = forward
 
 
 def _broken(*args, **kwargs):
