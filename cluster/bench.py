@@ -137,6 +137,15 @@ def bench_limit(model: ModelConfig, texts: list[str], repeats: int, name: str, s
                   note=f"{dtype} on {embedder.device.type}", dtype=dtype, short_only=short_only)
 
 
+def _padded(segments: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (right-padded with 0) and the attention mask of ``segments``, as one batch."""
+    ids = np.zeros((len(segments), max(len(s) for s in segments)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, segment in enumerate(segments):
+        ids[row, :len(segment)], mask[row, :len(segment)] = segment, 1
+    return ids, mask
+
+
 def bench_naive(model: ModelConfig, corpus: Corpus, repeats: int) -> Result:
     """A hand-written loop: the same segments, input order, padded batches of 32."""
     import torch
@@ -154,13 +163,8 @@ def bench_naive(model: ModelConfig, corpus: Corpus, repeats: int) -> Result:
     def run() -> None:
         with torch.inference_mode():
             for chunk in chunks:
-                width = max(len(s) for s in chunk)
-                ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                mask = torch.zeros(len(chunk), width, dtype=torch.long)
-                for row, segment in enumerate(chunk):
-                    ids[row, :len(segment)] = torch.from_numpy(segment.astype(np.int64))
-                    mask[row, :len(segment)] = 1
-                transformer(input_ids=ids, attention_mask=mask)
+                ids, mask = _padded(chunk)
+                transformer(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
 
     seconds = _timed(run, repeats)
     return Result("naive: transformers, batches of 32 in order", len(corpus.texts), seconds,
@@ -218,14 +222,7 @@ def bench_kernels(model: ModelConfig, corpus: Corpus, repeats: int) -> list[Resu
     transformer = encoder.embedder.transformer_model
     batch = encoder.indexer.fold(corpus.short)
     segments = sorted(np.split(batch.token_ids, np.cumsum(batch.segment_lengths)[:-1]), key=len)
-    batches = []
-    for start in range(0, len(segments), 32):
-        chunk = segments[start:start + 32]
-        ids = np.zeros((len(chunk), max(len(s) for s in chunk)), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, segment in enumerate(chunk):
-            ids[row, :len(segment)], mask[row, :len(segment)] = segment, 1
-        batches.append((ids, mask))
+    batches = [_padded(segments[start:start + 32]) for start in range(0, len(segments), 32)]
 
     def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)

@@ -101,5 +101,5 @@ def chunk_vectors(wordpiece_vectors: torch.Tensor, spans: np.ndarray | Sequence[
         raise ValueError("chunk spans must be non-empty and inside the sequence")
     rows = np.repeat(spans[:, 0] - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(lengths.sum())
     head = head or SentenceHead(wordpiece_vectors.size(-1))
-    index = host_to_device(torch.from_numpy(rows), wordpiece_vectors.device)
+    index = host_to_device(rows, wordpiece_vectors.device)
     return head(wordpiece_vectors[index], torch.from_numpy(lengths), pooling="mean", normalize=normalize)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from embedder.cache import resolve_dtype
@@ -28,9 +29,10 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``: to CUDA through pinned memory without waiting on the device (a
-    pageable copy blocks until the stream is idle), as is on the CPU."""
+def host_to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array or tensor on ``device`` (a numpy array's memory shared on the CPU): to CUDA through
+    pinned memory without waiting on the device (a pageable copy blocks until the stream is idle)."""
+    tensor = torch.as_tensor(array)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

@@ -69,12 +69,11 @@ def _run_segments(
         mask = positions[None, :] < group_lengths[:, None]
         source = np.where(mask, starts[group][:, None] + positions[None, :], 0)
         ids = np.where(mask, token_ids[source], embedder.pad_token_id)
-        types = None if type_ids is None else host_to_device(torch.from_numpy(np.where(mask, type_ids[source], 0)), device)
+        types = None if type_ids is None else host_to_device(np.where(mask, type_ids[source], 0), device)
         real = np.flatnonzero(mask)  # the real tokens among the padded batch's positions
-        hidden = embedder.encode_segments(host_to_device(torch.from_numpy(ids), device),
-                                          host_to_device(torch.from_numpy(mask), device), types)
-        output.index_copy_(0, host_to_device(torch.from_numpy(source.reshape(-1)[real]), device),
-                           hidden.reshape(-1, hidden.size(-1)).index_select(0, host_to_device(torch.from_numpy(real), device)).float())
+        hidden = embedder.encode_segments(host_to_device(ids, device), host_to_device(mask, device), types)
+        real_rows = hidden.reshape(-1, hidden.size(-1)).index_select(0, host_to_device(real, device))
+        output.index_copy_(0, host_to_device(source.reshape(-1)[real], device), real_rows.float())
     if stats is not None:
         stats.real_tokens += batch.num_tokens
         stats.computed_tokens += padded_tokens(lengths, groups)
@@ -142,7 +141,7 @@ def encode_folded(
 
     with torch.inference_mode():
         flat = _run_segments(embedder, merged, max_batch_tokens, stats)
-        unfolded = flat.index_select(0, host_to_device(torch.from_numpy(unfold_index(merged)), flat.device))
+        unfolded = flat.index_select(0, host_to_device(unfold_index(merged), flat.device))
         inputs_per_batch = np.array([b.num_inputs for b in batch_list])
         if level == "pooled":
             prompt_lengths = None if merged.prompt_lengths is None else torch.from_numpy(merged.prompt_lengths)
@@ -159,7 +158,7 @@ def encode_folded(
         else:
             sizes = merged.num_wordpieces
             if level == "word":
-                offsets = host_to_device(torch.from_numpy(merged.word_offsets.astype(np.int64)), flat.device)
+                offsets = host_to_device(merged.word_offsets.astype(np.int64), flat.device)
                 word_starts = merged.word_starts()
                 sequences = torch.split(unfolded, sizes.tolist())
                 unfolded = torch.cat([
