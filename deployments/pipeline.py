@@ -66,6 +66,9 @@ def stop_timings(token: Token) -> None:
 
 #: Calls ``GET /models`` makes to a model's replicas to learn their dtypes and devices.
 MAX_REPLICAS_ASKED = 16
+#: How long those answers serve ``GET /models`` while the model's running replicas stay as many: a
+#: client polling ``/models`` must not add load that the autoscaler would answer with replicas.
+PLACEMENTS_TTL_S = 60.0
 
 
 def replica_placements(infos: list[dict]) -> dict:
@@ -89,6 +92,8 @@ class EmbeddingPipeline:
         self._configs = {model.name: model for model in settings.models}
         self._default_model = settings.models[0].name
         self._infos: dict[str, dict] = {}
+        #: per model: its replicas' infos, how many replicas ran when they were asked, and when
+        self._placements: dict[str, tuple[list[dict], int, float]] = {}
         self._metrics = IngressMetrics()
 
     # --- the way through -------------------------------------------------------
@@ -289,15 +294,23 @@ class EmbeddingPipeline:
         cards = []
         for config in self._settings.models:
             status = statuses.get(config.name, {})
-            running = status.get("replicas", {}).get("running", 0)
-            if not running and config.name in self._infos:  # no replica to ask now: the last answer
-                infos = [self._infos[config.name]]
-            else:
-                infos = await asyncio.gather(*(self._run(lambda: self._encoders[config.name].info.remote())
-                                               for _ in range(min(MAX_REPLICAS_ASKED, 2 * running + 1))))
-            self._infos[config.name] = infos[0]
+            infos = await self._replica_infos(config.name, status.get("replicas", {}).get("running", 0))
             cards.append({"id": config.name, **infos[0], **replica_placements(infos), **status})
         return cards
+
+    async def _replica_infos(self, name: str, running: int) -> list[dict]:
+        """Infos of several of the model's replicas, asked one after another (one call in flight
+        at a time: no load the autoscaler would see), again only when as many replicas run as at
+        the last asking and ``PLACEMENTS_TTL_S`` has not passed; the last answers while none runs."""
+        cached = self._placements.get(name)
+        if cached is not None and (not running or (cached[1] == running
+                                                   and time.monotonic() - cached[2] < PLACEMENTS_TTL_S)):
+            return cached[0]
+        infos = [await self._run(lambda: self._encoders[name].info.remote())
+                 for _ in range(min(MAX_REPLICAS_ASKED, 2 * running + 1))]
+        self._placements[name] = (infos, running, time.monotonic())
+        self._infos[name] = infos[0]
+        return infos
 
     async def not_ready(self) -> dict[str, str]:
         """The models without a running replica (one runs only once it has answered a forward
