@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy, Dataset
 
 from cluster.config import ClusterConfig
-from deployments.loading import load_encoder, load_indexer
+from deployments.loading import concurrent_batches, load_encoder, load_indexer, replica_device
 from deployments.settings import ModelConfig
 from deployments.validation import text_problem
 from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE, ChunkContext, check_chunking
@@ -203,12 +204,17 @@ def _folded_rows(table: pa.Table, rows: np.ndarray, num_start: int, num_end: int
 
 class EncodeStage:
     """``map_batches`` class: folded rows -> one float32 vector (or one per wordpiece) per row; with
-    late chunking, one row per chunk."""
+    late chunking, one row per chunk. A CPU actor splits each block among ``concurrent_batches``
+    threads, as a serving replica runs its batches."""
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | list[str] | None,
                  normalize: bool | None, threads: int | None, weights_user: str, text_column: str = "text",
                  chunking: Chunking | None = None) -> None:
-        encoder, _ = load_encoder(model, threads, user=weights_user)
+        threads = threads or model.cpu_threads
+        self._batches = concurrent_batches(model.model_copy(update={"torch_threads": threads}), replica_device(model))
+        # torch runs only on these threads (loading included): see deployments.encoder
+        self._pool = ThreadPoolExecutor(self._batches, thread_name_prefix="encode")
+        encoder, _ = self._pool.submit(load_encoder, model, max(1, threads // self._batches), weights_user).result()
         self._embedder, self._head = encoder.embedder, encoder.head
         self._pooling = pooling
         self._normalize = normalize
@@ -225,10 +231,15 @@ class EncodeStage:
         special = self._embedder.special_tokens
         vectors, tables = None, [None] * table.num_rows
         if len(ok):
-            batch = _folded_rows(table, ok, special.num_start, special.num_end, chunks=self._late)
-            vectors = encode_folded(self._embedder, batch, level=level, head=self._head, pooling=self._pooling,
-                                    normalize=self._normalize, max_batch_tokens=self._model.max_batch_tokens)
-            for row, chunks in zip(ok, batch.chunk_table() or []):
+            parts = [rows for rows in np.array_split(ok, self._batches) if len(rows)]
+            batches = [_folded_rows(table, rows, special.num_start, special.num_end, chunks=self._late)
+                       for rows in parts]
+            outputs = list(self._pool.map(lambda batch: encode_folded(
+                self._embedder, batch, level=level, head=self._head, pooling=self._pooling,
+                normalize=self._normalize, max_batch_tokens=self._model.max_batch_tokens), batches))
+            # pooled: one [rows, dim] array per part; else one array per row
+            vectors = np.concatenate(outputs) if level == "pooled" else [v for output in outputs for v in output]
+            for row, chunks in zip(ok, [t for batch in batches for t in batch.chunk_table() or []]):
                 tables[row] = chunks
         if self._late:
             return self._explode_chunks(table, ok, tables, vectors, dim)

@@ -7,7 +7,8 @@ over, not when it finishes: while the model runs, requests are cut into
 pass runs at about half the texts/s of eight such requests per pass). Here a
 batch takes everything queued when the model frees up, up to a token budget,
 so batches grow with the load; only an idle model waits
-(``batch_wait_timeout_s``) for company.
+(``batch_wait_timeout_s``) for company. Up to ``concurrency`` batches run at
+once (a CPU replica's worker threads, one torch thread each).
 """
 
 from __future__ import annotations
@@ -25,50 +26,64 @@ Result = TypeVar("Result")
 
 @dataclass
 class Queued(Generic[Item]):
-    """A request waiting for a batch: its item, its weight (tokens) and its answer."""
+    """A request waiting for a batch: its item, its weight (tokens), its answer, and whether it
+    found no batch running (only such a request waits for company)."""
 
     item: Item
     weight: int
     future: asyncio.Future
+    found_idle: bool = False
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class ContinuousBatcher(Generic[Item, Result]):
     """Runs ``run_batch`` on batches of at most ``max_weight`` (a single heavier item runs
-    alone), one batch at a time, first come first served."""
+    alone), at most ``concurrency`` batches at a time, first come first served."""
 
     def __init__(self, run_batch: Callable[[list[Queued[Item]]], Awaitable[list[Result]]],
-                 max_weight: int, wait_s: float) -> None:
+                 max_weight: int, wait_s: float, concurrency: int = 1) -> None:
         self._run_batch = run_batch
         self._max_weight = max_weight
         self._wait_s = wait_s
         self._queue: deque[Queued[Item]] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._free_slots = asyncio.Semaphore(concurrency)
+        self._running: set[asyncio.Task] = set()
+
+    @property
+    def batches_running(self) -> int:
+        """How many batches run now."""
+        return len(self._running)
 
     async def submit(self, item: Item, weight: int) -> Result:
         """Queue ``item`` and wait for its result (or the exception its batch raised)."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work())
-        queued = Queued(item, weight, asyncio.get_running_loop().create_future())
+        queued = Queued(item, weight, asyncio.get_running_loop().create_future(), found_idle=not self._running)
         self._queue.append(queued)
         self._arrived.set()
         return await queued.future
 
     async def _work(self) -> None:
-        idle = True  # the model has nothing to run: a new request waits up to wait_s for others
         while True:
-            if not self._queue:
-                while not self._queue:
-                    self._arrived.clear()
-                    await self._arrived.wait()
-                idle = True
-            if idle and self._wait_s:
+            await self._free_slots.acquire()  # a batch is taken only when it can start: it holds all that queued
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self._wait_s and self._queue[0].found_idle:
                 await self._wait_for_company()
             batch = self._take_batch()
-            if batch:
-                await self._run(batch)
-            idle = False  # what queued meanwhile goes at once
+            if not batch:
+                self._free_slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._free_slots.release()
 
     def _weight_queued(self) -> int:
         return sum(queued.weight for queued in self._queue)

@@ -18,7 +18,7 @@ from ray import serve
 
 from deployments.batcher import ContinuousBatcher, Queued
 from deployments.errors import BadRequestError, ModelLoadError
-from deployments.loading import load_encoder
+from deployments.loading import concurrent_batches, load_encoder, replica_device
 from deployments.metrics import EncoderMetrics
 from deployments.protocol import EncodeOptions, EncodeResult
 from deployments.settings import ModelConfig
@@ -55,12 +55,14 @@ class Encoder:
     def __init__(self, model: ModelConfig) -> None:
         started = time.monotonic()
         self._config = model
-        # Torch runs on this one thread only, loading and warm-up included: every thread that
-        # calls torch gets its own OpenMP team, and an idle team slows the busy one (one short
-        # text on 2 cores: 6-8 ms on one thread, 14 ms once a second thread had run the model).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{model.name}")
+        # Torch runs only on the batch threads, loading and warm-up included: every thread that
+        # calls torch gets its own OpenMP team, and an idle team slows the busy ones (one short
+        # text on 2 cores: 6-8 ms on one thread, 14 ms once another thread had run the model).
+        self._batches = concurrent_batches(model, replica_device(model))
+        self._executor = ThreadPoolExecutor(max_workers=self._batches, thread_name_prefix=f"encode-{model.name}")
+        threads = max(1, model.cpu_threads // self._batches)
         try:
-            self._encoder, self._weights_source = self._executor.submit(load_encoder, model).result()
+            self._encoder, self._weights_source = self._executor.submit(load_encoder, model, threads).result()
         except Exception as error:
             logger.exception("model %s (%s) could not be loaded", model.name, model.model_name)
             raise ModelLoadError(f"model {model.name!r} ({model.model_name}) could not be loaded: "
@@ -69,14 +71,14 @@ class Encoder:
         self._device = self._embedder.device
         self._metrics = EncoderMetrics(model.name)
         self._batcher: ContinuousBatcher[_Request, EncodeResult] = ContinuousBatcher(
-            self._encode_batch, model.max_batch_tokens, model.batch_wait_timeout_s)
+            self._encode_batch, model.max_batch_tokens, model.batch_wait_timeout_s, concurrency=self._batches)
         self._probe = self._encoder.indexer.fold([WARM_UP_TEXT])
         self._probe_digest = self._executor.submit(self._warm_up).result()
         self._last_success = time.monotonic()
-        self._batch_running = False
         self._ready_seconds = time.monotonic() - started
-        logger.info("encoder %s ready on %s (%s) in %.2f s, weights from %s", model.name, self._device,
-                    self._embedder.dtype, self._ready_seconds, self._weights_source)
+        logger.info("encoder %s ready on %s (%s, %d batches at once, %d torch threads each) in %.2f s, weights "
+                    "from %s", model.name, self._device, self._embedder.dtype, self._batches, threads,
+                    self._ready_seconds, self._weights_source)
 
     def _warm_up(self) -> str:
         """Run the model once; the digest of its answer tells replicas' weights apart."""
@@ -95,6 +97,8 @@ class Encoder:
             "weight_bytes": weights,
             "weight_bytes_in_shared_memory": weights_in_shared_memory,
             "ready_seconds": self._ready_seconds,
+            "concurrent_batches": self._batches,
+            "torch_threads_per_batch": self._executor.submit(torch.get_num_threads).result(),
             "probe_digest": self._probe_digest,
             "device": str(self._device),
             "cuda_initialized": torch.cuda.is_initialized(),
@@ -128,7 +132,7 @@ class Encoder:
         model fails the batch at once, and the next check probes), else when a one-text forward
         (through the batcher, bounded) answers finite vectors: a replica whose model cannot run any
         more (e.g. a CUDA context broken by a device-side assert) fails it."""
-        if self._batch_running or time.monotonic() - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
+        if self._batcher.batches_running or time.monotonic() - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
             return
         result = await asyncio.wait_for(self._batcher.submit(_Request(self._probe, EncodeOptions()),
                                                              weight=self._probe.num_tokens),
@@ -163,11 +167,7 @@ class Encoder:
     async def _encode_batch(self, queued: list[Queued[_Request]]) -> list[EncodeResult]:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        self._batch_running = True
-        try:
-            results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
-        finally:
-            self._batch_running = False
+        results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
         self._last_success = time.monotonic()
         inference_ms = 1000 * (self._last_success - started)
         self._metrics.batch_latency.observe(inference_ms, tags=self._metrics.tags)

@@ -99,6 +99,10 @@ class ModelConfig(ReplicaSettings):
                                                    "(one copy per node), publishing them on a miss.")
     torch_threads: int | None = Field(None, ge=1, description="Torch threads of a CPU replica; None: num_cpus "
                                                               "rounded (at least 1).")
+    concurrent_batches: int | None = Field(
+        None, ge=1, description="Batches a CPU replica runs at once, each on its own thread with torch_threads / "
+                                "concurrent_batches torch threads; None: 2 when the replica has 2 or more torch "
+                                "threads, else 1. A GPU replica runs one batch at a time.")
     max_batch_tokens: int | None = Field(None, ge=16, description="Token budget of one encoder batch; None: "
                                                                   "8192 on CPUs, 65536 with num_gpus.")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long a request that finds the model idle "
@@ -113,6 +117,11 @@ class ModelConfig(ReplicaSettings):
         if self.max_batch_tokens is None:
             self.max_batch_tokens = GPU_BATCH_TOKENS if self.num_gpus > 0 else CPU_BATCH_TOKENS
         return self
+
+    @property
+    def cpu_threads(self) -> int:
+        """Torch threads of a CPU replica, all its batch threads together."""
+        return self.torch_threads or max(1, int(round(self.num_cpus)))
 
     def sentence_settings(self) -> SentenceSettings:
         """The model folder read and merged with this config's overrides (``ValueError`` naming the

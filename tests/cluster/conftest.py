@@ -43,7 +43,9 @@ def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port) ->
         limits=LimitsSettings(max_inputs_per_request=100, max_chars_per_input=50_000,
                               max_wordpieces_per_request=20_000),
         models=[
-            ModelConfig(name="all-MiniLM-L6-v2", model_name=minilm_path, dtype="float32", num_cpus=1),
+            # two batches at once, one torch thread each: every test of this model runs that path
+            ModelConfig(name="all-MiniLM-L6-v2", model_name=minilm_path, dtype="float32", num_cpus=1,
+                        concurrent_batches=2),
             ModelConfig(name="minilm-bf16", model_name=minilm_path, dtype="bfloat16", num_cpus=1),
             ModelConfig(name="tiny-bert", model_name=tiny_bert_path, max_length=32, num_cpus=0.5),
             ModelConfig(name="tiny-roberta", model_name=tiny_roberta_path, max_length=64, num_cpus=0.5),

@@ -131,3 +131,38 @@ def test_cancelled_callers_are_left_out_of_the_next_batch() -> None:
     answers, batches = run(scenario())
     assert answers == ["A", "KEPT"]
     assert batches == [["a"], ["kept"]]
+
+
+def test_two_slots_run_a_second_batch_beside_the_first_and_queue_the_rest() -> None:
+    async def scenario() -> tuple[list[str], list[list[str]], int]:
+        model = GatedModel()
+        # a wait far longer than the guard: a request that finds a batch running must not wait for company
+        batcher = ContinuousBatcher(model, max_weight=2, wait_s=3600, concurrency=2)
+        first = asyncio.ensure_future(batcher.submit("a", 2))  # fills the budget: no wait
+        await model.running(1)
+        second = asyncio.ensure_future(batcher.submit("b", 1))
+        await model.running(2)  # "b" starts on the free slot while "a" still runs
+        running = batcher.batches_running
+        rest = [asyncio.ensure_future(batcher.submit(item, 1)) for item in "cd"]
+        await asyncio.sleep(0)
+        model.release.set()
+        return await asyncio.gather(first, second, *rest), model.batches, running
+
+    answers, batches, running = run(scenario())
+    assert answers == list("ABCD")
+    assert running == 2
+    assert batches == [["a"], ["b"], ["c", "d"]]  # the queued pair waits for a free slot, then goes together
+
+
+def test_what_queued_while_the_model_ran_goes_at_once_without_waiting_for_company() -> None:
+    async def scenario() -> tuple[list[str], list[list[str]]]:
+        model = GatedModel()
+        batcher = ContinuousBatcher(model, max_weight=2, wait_s=3600)  # far past the guard
+        first = asyncio.ensure_future(batcher.submit("a", 2))
+        await model.running(1)
+        second = asyncio.ensure_future(batcher.submit("b", 1))  # half a budget, queued behind "a"
+        await asyncio.sleep(0)
+        model.release.set()
+        return await asyncio.gather(first, second), model.batches
+
+    assert run(scenario()) == (["A", "B"], [["a"], ["b"]])

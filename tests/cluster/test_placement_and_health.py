@@ -13,7 +13,7 @@ import torch
 from cluster.config import ModelConfig
 from deployments.encoder import Encoder
 from deployments.errors import BadRequestError
-from deployments.loading import placement
+from deployments.loading import concurrent_batches, placement
 from deployments.pipeline import replica_placements
 from deployments.protocol import EncodeOptions
 from embedder import PretrainedTransformerEmbedder, PretrainedTransformerIndexer, encode_folded, pool_ragged
@@ -29,6 +29,18 @@ from embedder import PretrainedTransformerEmbedder, PretrainedTransformerIndexer
 ])
 def test_placement_follows_what_ray_gave_the_replica(device, gpu_ids, cuda, expected):
     assert placement(device, gpu_ids, cuda) == torch.device(expected)
+
+
+@pytest.mark.parametrize("settings, device, expected", [
+    ({"num_cpus": 1}, "cpu", 1),                             # one torch thread: one batch at a time
+    ({"num_cpus": 2}, "cpu", 2),                             # two threads: two batches, one thread each
+    ({"num_cpus": 8}, "cpu", 2),                             # more threads are split between two batches
+    ({"torch_threads": 4, "concurrent_batches": 4}, "cpu", 4),
+    ({"num_cpus": 1, "concurrent_batches": 3}, "cpu", 3),    # as asked (one thread each)
+    ({"num_cpus": 2, "num_gpus": 1, "concurrent_batches": 2}, "cuda", 1),  # a GPU runs one batch at a time
+])
+def test_concurrent_batches(settings, device, expected):
+    assert concurrent_batches(ModelConfig(**settings), torch.device(device)) == expected
 
 
 def test_batch_budget_defaults_by_device():

@@ -129,3 +129,12 @@ def _reference_digest(minilm_path: str, dtype: str) -> str:
         torch.set_num_threads(threads)
         clear_cache()
     return hashlib.sha256(vectors.tobytes()).hexdigest()[:16]
+
+
+def test_batch_threads_follow_the_config(serve_cluster):
+    """``concurrent_batches`` reaches the replica: that many batch threads, the model's torch threads
+    split among them (what torch itself reports on a batch thread)."""
+    two, = _replicas("all-MiniLM-L6-v2", calls=3).values()  # num_cpus 1, concurrent_batches 2
+    one, = _replicas("minilm-private", calls=3).values()  # num_cpus 0.25: one torch thread, one batch
+    assert (two["concurrent_batches"], two["torch_threads_per_batch"]) == (2, 1)
+    assert (one["concurrent_batches"], one["torch_threads_per_batch"]) == (1, 1)
