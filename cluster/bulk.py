@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 from ray.data import ActorPoolStrategy, Dataset
 
 from cluster.config import ClusterConfig
-from deployments.loading import concurrent_batches, load_encoder, load_indexer, replica_device
+from deployments.loading import concurrent_batches, load_encoder, load_indexer
 from deployments.settings import ModelConfig
 from deployments.validation import text_problem
 from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE, ChunkContext, check_chunking
@@ -204,17 +204,12 @@ def _folded_rows(table: pa.Table, rows: np.ndarray, num_start: int, num_end: int
 
 class EncodeStage:
     """``map_batches`` class: folded rows -> one float32 vector (or one per wordpiece) per row; with
-    late chunking, one row per chunk. A CPU actor splits each block among ``concurrent_batches``
-    threads, as a serving replica runs its batches."""
+    late chunking, one row per chunk."""
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | list[str] | None,
                  normalize: bool | None, threads: int | None, weights_user: str, text_column: str = "text",
                  chunking: Chunking | None = None) -> None:
-        threads = threads or model.cpu_threads
-        self._batches = concurrent_batches(model.model_copy(update={"torch_threads": threads}), replica_device(model))
-        # torch runs only on these threads (loading included): see deployments.encoder
-        self._pool = ThreadPoolExecutor(self._batches, thread_name_prefix="encode")
-        encoder, _ = self._pool.submit(load_encoder, model, max(1, threads // self._batches), weights_user).result()
+        encoder, _ = load_encoder(model, threads, user=weights_user)
         self._embedder, self._head = encoder.embedder, encoder.head
         self._pooling = pooling
         self._normalize = normalize
@@ -231,15 +226,10 @@ class EncodeStage:
         special = self._embedder.special_tokens
         vectors, tables = None, [None] * table.num_rows
         if len(ok):
-            parts = [rows for rows in np.array_split(ok, self._batches) if len(rows)]
-            batches = [_folded_rows(table, rows, special.num_start, special.num_end, chunks=self._late)
-                       for rows in parts]
-            outputs = list(self._pool.map(lambda batch: encode_folded(
-                self._embedder, batch, level=level, head=self._head, pooling=self._pooling,
-                normalize=self._normalize, max_batch_tokens=self._model.max_batch_tokens), batches))
-            # pooled: one [rows, dim] array per part; else one array per row
-            vectors = np.concatenate(outputs) if level == "pooled" else [v for output in outputs for v in output]
-            for row, chunks in zip(ok, [t for batch in batches for t in batch.chunk_table() or []]):
+            batch = _folded_rows(table, ok, special.num_start, special.num_end, chunks=self._late)
+            vectors = encode_folded(self._embedder, batch, level=level, head=self._head, pooling=self._pooling,
+                                    normalize=self._normalize, max_batch_tokens=self._model.max_batch_tokens)
+            for row, chunks in zip(ok, batch.chunk_table() or []):
                 tables[row] = chunks
         if self._late:
             return self._explode_chunks(table, ok, tables, vectors, dim)
@@ -361,6 +351,8 @@ def embed_dataset(
     encode_actors = encode_actors or default_encoders
     if encode_threads is None and model.num_gpus == 0:
         encode_threads = default_encode_threads(encode_actors)
+    blocks_at_once = 1 if model.num_gpus else concurrent_batches(
+        model.model_copy(update={"torch_threads": encode_threads}), torch.device("cpu"))
     tokenized = ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate, "prompt": prompt,
@@ -373,13 +365,15 @@ def embed_dataset(
     return tokenized.map_batches(
         EncodeStage,
         fn_constructor_kwargs={"model": model, "output_column": output_column, "level": level,
-                               "pooling": pooling, "normalize": normalize, "threads": encode_threads,
+                               "pooling": pooling, "normalize": normalize,
+                               "threads": encode_threads and max(1, encode_threads // blocks_at_once),
                                "weights_user": f"{weights_user or BULK_WEIGHTS_USER.format(uuid.uuid4().hex[:8])}"
                                                f"{model.name}",
                                "text_column": text_column, "chunking": chunks},
         batch_format="pyarrow",
         batch_size=batch_size,
-        compute=ActorPoolStrategy(size=encode_actors),
+        compute=ActorPoolStrategy(size=encode_actors, max_concurrent_calls_per_actor=blocks_at_once,
+                                  enable_true_multi_threading=blocks_at_once > 1),
         num_cpus=model.num_cpus,
         num_gpus=model.num_gpus or None,
         **({"resources": dict(model.resources)} if model.resources else {}),
