@@ -495,8 +495,7 @@ def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_r
               cluster: bool = True) -> dict:
     """Run every contender; return the report (also what ``--json`` writes)."""
     model = config.models[0]
-    # first, in a process that has run nothing else: measured after the other contenders (their
-    # threads: ONNX Runtime's, the limit's batch threads), this forward took 9.9 ms instead of 7.7-7.9
+    # first, before the other contenders start threads of their own (ONNX Runtime's, the limit's)
     forward = bench_forward_latency(model, corpus.short[:latency_requests])
     results = [bench_limit(model, corpus.texts, repeats, "limit: encode_folded in-process"),
                bench_limit(model, corpus.short, repeats, "limit, short texts only", short_only=True),
