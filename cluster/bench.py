@@ -134,18 +134,19 @@ def bench_limit(model: ModelConfig, texts: list[str], repeats: int, name: str, s
     order = np.argsort(batch.num_wordpieces, kind="stable")
     parts = [encoder.indexer.fold(part) for part in _token_budget_parts(
         [texts[i] for i in order], batch.num_wordpieces[order], model.max_batch_tokens)]
-    stats = EncodeStats()
-    encode_folded(embedder, batch, head=encoder.head, max_batch_tokens=model.max_batch_tokens, stats=stats)
+    part_stats = [EncodeStats() for _ in parts]
 
-    def run(pool: ThreadPoolExecutor) -> None:
-        list(pool.map(lambda part: encode_folded(embedder, part, head=encoder.head,
-                                                 max_batch_tokens=model.max_batch_tokens), parts))
+    def run(pool: ThreadPoolExecutor, stats: list[EncodeStats | None]) -> None:
+        list(pool.map(lambda part, part_stat: encode_folded(embedder, part, head=encoder.head, stats=part_stat,
+                                                            max_batch_tokens=model.max_batch_tokens), parts, stats))
 
     with ThreadPoolExecutor(workers) as pool:
-        seconds = _timed(lambda: run(pool), repeats)
+        run(pool, part_stats)  # the padding of the very batches timed
+        seconds = _timed(lambda: run(pool, [None] * len(parts)), repeats)
     torch.set_num_threads(model.cpu_threads)
+    padding = sum(s.real_tokens for s in part_stats) / sum(s.computed_tokens for s in part_stats)
     dtype = f"{embedder.dtype}".removeprefix("torch.")
-    return Result(name, len(texts), seconds, int(batch.num_wordpieces.sum()), stats.padding_efficiency,
+    return Result(name, len(texts), seconds, int(batch.num_wordpieces.sum()), padding,
                   note=f"{dtype} on {embedder.device.type}, {workers} batches at once", dtype=dtype,
                   short_only=short_only)
 
