@@ -25,6 +25,14 @@ ChunkContext = Literal["document", "chunk"]
 CHUNK_CONTEXTS: tuple[str, ...] = get_args(ChunkContext)
 
 
+class TooManyChunksError(ValueError):
+    """The documents would give more chunks than the caller allows (``limit``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the documents give more than {limit} chunks")
+        self.limit = limit
+
+
 def check_chunking(chunk_size: int, chunk_overlap: int) -> None:
     """``ValueError`` unless ``chunk_size >= 1`` and ``0 <= chunk_overlap < chunk_size``."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -35,14 +43,15 @@ def check_chunking(chunk_size: int, chunk_overlap: int) -> None:
 
 
 def plan_chunks(word_starts: Sequence[int], num_pieces: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                chunk_overlap: int = 0) -> list[tuple[int, int]]:
+                chunk_overlap: int = 0, max_chunks: int | None = None) -> list[tuple[int, int]]:
     """``[start, end)`` wordpiece windows covering ``num_pieces`` wordpieces, cut only where a word
     starts (``word_starts``, ascending, the first 0).
 
     A window holds as many whole words as fit in ``chunk_size`` wordpieces (a single longer word
     is a window of its own); the next one starts ``chunk_size - chunk_overlap`` wordpieces after
     it, moved back to the word start at or before that point (but always forward), so with no
-    overlap the windows tile the document.
+    overlap the windows tile the document. Past ``max_chunks`` windows, ``TooManyChunksError``
+    (planning stops there: a large overlap cannot make it loop for long).
     """
     check_chunking(chunk_size, chunk_overlap)
     if num_pieces == 0:
@@ -59,6 +68,8 @@ def plan_chunks(word_starts: Sequence[int], num_pieces: int, chunk_size: int = D
         end = int(boundaries[end_index])
         if end <= start:
             end = int(boundaries[np.searchsorted(boundaries, start, side="right")])
+        if max_chunks is not None and len(windows) >= max_chunks:
+            raise TooManyChunksError(max_chunks)
         windows.append((start, end))
         if end >= num_pieces:
             return windows

@@ -8,15 +8,17 @@ padded torch layout for use inside a model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from embedder.cache import get_tokenizer
-from embedder.chunking import DEFAULT_CHUNK_SIZE, check_chunking, plan_chunks, spans_to_pieces
+from embedder.chunking import DEFAULT_CHUNK_SIZE, TooManyChunksError, check_chunking, plan_chunks, spans_to_pieces
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import fold_pieces
 from embedder.special_tokens import SpecialTokens
@@ -59,6 +61,7 @@ class PretrainedTransformerIndexer:
                              f"{self.special.num_added} special tokens")
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._prompt_lengths: dict[str, int] = {}
+        self._cutting_tokenizers = {self.tokenizer.truncation_side: self.tokenizer}
 
     def __call__(
         self,
@@ -79,21 +82,26 @@ class PretrainedTransformerIndexer:
         *,
         pairs: Sequence[tuple[str, str]] | None = None,
         words: Sequence[Sequence[str]] | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
         truncate: bool = False,
         truncation_direction: TruncationDirection | None = None,
         prompt: str | None = None,
         return_wordpieces: bool = False,
     ) -> FoldedBatch:
-        """Tokenize exactly one of ``texts``, ``pairs`` or ``words`` into a ``FoldedBatch``.
+        """Tokenize exactly one of ``texts``, ``pairs``, ``words`` or ``token_ids`` into a ``FoldedBatch``.
 
         Long inputs are folded; with ``truncate`` only ``max_length`` wordpieces are kept: the
         first ones, or with ``truncation_direction="left"`` the last ones (default: the
-        tokenizer's ``truncation_side``). A ``prompt`` is put before each text (before the
+        tokenizer's ``truncation_side``). A pair is truncated ``longest_first`` by the tokenizer
+        itself, as sentence-transformers does it (each text keeps a share, the longer one cut
+        first), never by cutting the joined sequence. ``token_ids`` are the model's own ids, as its
+        tokenizer gives them (specials included): used as they are when they fit, else folded like
+        text (their leading start and trailing end tokens, when present, are the specials). A ``prompt`` is put before each text (before the
         first text of a pair, as wordpieces before pre-split words) and tokenized with it,
         as sentence-transformers does; the batch records how many wordpieces it takes.
         """
-        if sum(x is not None for x in (texts, pairs, words)) != 1:
-            raise ValueError("give exactly one of texts, pairs or words")
+        if sum(x is not None for x in (texts, pairs, words, token_ids)) != 1:
+            raise ValueError("give exactly one of texts, pairs, words or token_ids")
         direction = truncation_direction or self.tokenizer.truncation_side
         if direction not in TRUNCATION_DIRECTIONS:
             raise ValueError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, not {direction!r}")
@@ -104,9 +112,13 @@ class PretrainedTransformerIndexer:
             texts = _check_strings(texts, "texts")
             sequences = self._from_texts(texts if prompt is None else [prompt + text for text in texts])
         elif pairs is not None:
-            sequences = self._from_pairs(pairs, prompt)
-        else:
+            sequences = self._from_pairs(pairs, prompt, direction if truncate else None)
+        elif words is not None:
             sequences = self._from_words(words, prompt)
+        else:
+            if prompt is not None:
+                raise ValueError("a prompt is text: it cannot go before token ids")
+            sequences = self._from_ids(token_ids)
         batch = self._assemble(sequences, truncate=truncate, keep_last=direction == "left",
                                return_wordpieces=return_wordpieces)
         if prompt is not None:
@@ -122,18 +134,22 @@ class PretrainedTransformerIndexer:
         spans: Sequence[Sequence[tuple[int, int]]] | None = None,
         prompt: str | None = None,
         return_wordpieces: bool = False,
+        max_chunks: int | None = None,
     ) -> FoldedBatch:
         """Documents for late chunking: each folded whole, with its chunks (``chunk_spans`` and
         ``chunk_char_spans``): windows of whole words of at most ``chunk_size`` wordpieces
         (``embedder.chunking.plan_chunks``; words as the tokenizer's pre-tokenizer splits
         them), or the caller's character ``spans`` per document. A ``prompt``'s wordpieces
         come before the document's, outside every chunk. A document without wordpieces
-        (zero-width characters only) has no chunks."""
+        (zero-width characters only) has no chunks. More than ``max_chunks`` chunks in all is a
+        ``TooManyChunksError``, raised before the chunks are laid out."""
         texts = _check_strings(texts, "texts")
         if spans is None:
             check_chunking(chunk_size, chunk_overlap)
         elif isinstance(spans, (str, bytes)) or len(spans) != len(texts):
             raise ValueError(f"spans must hold one list of [start, end) spans per document ({len(texts)})")
+        elif max_chunks is not None and sum(len(s) for s in spans if isinstance(s, (list, tuple))) > max_chunks:
+            raise TooManyChunksError(max_chunks)
         if not self.tokenizer.is_fast:
             raise ValueError("late chunking needs a fast tokenizer (for character offsets)")
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False,
@@ -147,7 +163,11 @@ class PretrainedTransformerIndexer:
             if spans is None:
                 word_ids = encoded.word_ids(index)
                 starts = [p for p in range(len(ids)) if p == 0 or word_ids[p] != word_ids[p - 1]]
-                pieces = plan_chunks(starts, len(ids), chunk_size, chunk_overlap)
+                try:
+                    pieces = plan_chunks(starts, len(ids), chunk_size, chunk_overlap,
+                                         None if max_chunks is None else max_chunks - len(windows))
+                except TooManyChunksError:
+                    raise TooManyChunksError(max_chunks) from None
                 chars = [(offsets[start][0], offsets[end - 1][1]) for start, end in pieces]
             else:
                 if isinstance(spans[index], (str, bytes)) or not spans[index]:
@@ -181,15 +201,31 @@ class PretrainedTransformerIndexer:
                                  return_token_type_ids=False)["input_ids"]
         return [_Sequence(pieces=ids) for ids in encoded]
 
-    def _from_pairs(self, pairs: Sequence[tuple[str, str]], prompt: str | None) -> list[_Sequence]:
+    def _cutting_tokenizer(self, side: str) -> PreTrainedTokenizerBase:
+        """The tokenizer, or a copy of it that truncates on ``side`` (never flip the shared one's
+        ``truncation_side``: another thread may be tokenizing with it)."""
+        if side not in self._cutting_tokenizers:
+            tokenizer = copy.deepcopy(self.tokenizer)
+            tokenizer.truncation_side = side
+            self._cutting_tokenizers[side] = tokenizer
+        return self._cutting_tokenizers[side]
+
+    def _from_pairs(self, pairs: Sequence[tuple[str, str]], prompt: str | None,
+                    truncation_side: str | None) -> list[_Sequence]:
+        """Pairs with the tokenizer's pair template; ``truncation_side`` (with a ``max_length``):
+        truncated ``longest_first`` on that side."""
         if isinstance(pairs, (str, bytes)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
             raise TypeError("pairs must be a list of (text, text) pairs")
         firsts = _check_strings([p[0] for p in pairs], "pairs")
         if prompt is not None:
             firsts = [prompt + first for first in firsts]
         seconds = _check_strings([p[1] for p in pairs], "pairs")
-        encoded = self.tokenizer(firsts, seconds, add_special_tokens=True, return_attention_mask=False, verbose=False,
-                                 return_token_type_ids=True)
+        tokenizer, cut = self.tokenizer, {}
+        if truncation_side is not None and self.max_length is not None:
+            tokenizer = self._cutting_tokenizer(truncation_side)
+            cut = {"truncation": "longest_first", "max_length": self.max_length}
+        encoded = tokenizer(firsts, seconds, add_special_tokens=True, return_attention_mask=False, verbose=False,
+                            return_token_type_ids=True, **cut)
         type_lists = encoded.get("token_type_ids") or [[0] * len(ids) for ids in encoded["input_ids"]]
         start, end = self.special.num_start, self.special.num_end
         return [
@@ -219,6 +255,21 @@ class PretrainedTransformerIndexer:
                     offsets.append((-1, -1))
             position += len(ws)
             sequences.append(_Sequence(pieces=pieces, word_offsets=offsets))
+        return sequences
+
+    def _from_ids(self, token_ids: Sequence[Sequence[int]]) -> list[_Sequence]:
+        vocabulary = len(self.tokenizer)
+        start, end = list(self.special.start_ids), list(self.special.end_ids)
+        sequences = []
+        for index, ids in enumerate(token_ids):
+            ids = [int(i) for i in ids]
+            if not ids:
+                raise ValueError(f"token_ids[{index}] is empty")
+            if min(ids) < 0 or max(ids) >= vocabulary:
+                raise ValueError(f"token_ids[{index}] holds ids outside the model's vocabulary (0 to {vocabulary - 1})")
+            first = len(start) if start and ids[:len(start)] == start else 0
+            last = len(ids) - len(end) if end and len(ids) - first >= len(end) and ids[-len(end):] == end else len(ids)
+            sequences.append(_Sequence(pieces=ids[first:last], full_ids=ids, full_type_ids=[0] * len(ids)))
         return sequences
 
     def _assemble(self, sequences: list[_Sequence], *, truncate: bool, keep_last: bool,

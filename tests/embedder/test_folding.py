@@ -9,6 +9,7 @@ from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
 from embedder import PretrainedTransformerEmbedder, PretrainedTransformerIndexer
 from embedder.folding import fold_padded, unfold_padded
+from embedder.indexer import to_padded_tensors
 from references import reference_folded_output
 
 LONG_TEXT = ("AllenNLP folds sequences that are longer than the model can take into several "
@@ -180,3 +181,25 @@ def test_fold_ragged_matches_padded_layout(minilm_path):
                                                               batch.input_segment_starts()))[:-1])
     for row, ids in zip(padded["token_ids"], rows):
         assert row[:len(ids)].tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("lengths", [(40, 3), (3, 40), (25, 30), (31, 30)])
+def test_truncated_pairs_are_cut_longest_first(minilm_path, side, lengths):
+    """A long first text must not push the second one out: each keeps the share that the
+    tokenizer's own ``longest_first`` truncation gives it, on the asked side."""
+    first = " ".join(f"query{i}" for i in range(lengths[0]))
+    second = " ".join(f"passage{i}" for i in range(lengths[1]))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path, truncation_side=side)
+    expected = tokenizer(first, second, truncation="longest_first", max_length=24, return_tensors="pt")
+    indexer = PretrainedTransformerIndexer(minilm_path, max_length=24)
+    batch = indexer.fold(pairs=[(first, second)], truncate=True, truncation_direction=side)
+    assert batch.token_ids.tolist() == expected["input_ids"][0].tolist()
+    assert batch.type_ids.tolist() == expected["token_type_ids"][0].tolist()
+    embedder = PretrainedTransformerEmbedder(minilm_path, max_length=24, train_parameters=False)
+    reference_model = AutoModel.from_pretrained(minilm_path).eval()
+    with torch.no_grad():
+        output = embedder(**to_padded_tensors(batch, indexer.pad_token_id, folded=True))[0]
+        reference = reference_model(**expected)[0][0]
+    torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-4)
+    assert indexer.tokenizer.truncation_side == "right"  # the shared tokenizer is left as it was
