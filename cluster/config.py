@@ -62,6 +62,10 @@ class ClusterConfig(BaseModel):
         """The config with the API key that applies: ``flag`` (``serve --api-key``), else the
         environment's ``EMBEDDING_CLUSTER_API_KEY``, else the config's own: one rule for ``serve``,
         ``serve run``/``serve deploy`` and the app builder."""
+        for source, value in ((f"{API_KEY_ENV} (the environment)", os.environ.get(API_KEY_ENV)), ("--api-key", flag)):
+            if value is not None and not value.strip():
+                raise ValueError(f"{source} is empty, which would turn access control off without a word: set a "
+                                 f"key, or leave it unset to serve without one")
         api_key = flag or os.environ.get(API_KEY_ENV) or self.api_key
         return self if api_key == self.api_key else self.model_copy(update={"api_key": api_key})
 

@@ -95,7 +95,7 @@ class ContinuousBatcher(Generic[Item, Result]):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # an alias of TimeoutError since Python 3.11 (requires-python)
                 return
 
     def _take_batch(self) -> list[Queued[Item]]:
@@ -114,12 +114,20 @@ class ContinuousBatcher(Generic[Item, Result]):
         return batch
 
     async def _run(self, batch: list[Queued[Item]]) -> None:
+        """Run a batch and answer its callers. When it fails, each half runs again on its own, down
+        to single requests: only the request that causes the failure gets it, its batch mates
+        their results (a failure that every request meets costs a batch per request)."""
         try:
             results = await self._run_batch(batch)
-        except Exception as error:  # every caller of the batch gets it; the worker goes on
-            for queued in batch:
-                if not queued.future.done():
+        except Exception as error:
+            waiting = [queued for queued in batch if not queued.future.done()]
+            if len(waiting) <= 1:
+                for queued in waiting:
                     queued.future.set_exception(error)
+                return
+            middle = len(waiting) // 2
+            await self._run(waiting[:middle])
+            await self._run(waiting[middle:])
             return
         for queued, result in zip(batch, results):
             if not queued.future.done():

@@ -74,4 +74,4 @@ def _has_key(headers: dict[bytes, bytes], key: str) -> bool:
 
 
 def _too_large(size: int, limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"the body has {size} bytes or more, over the limit of {limit}")
+    return PayloadTooLargeError(f"the body has {size} bytes or more, over the limit max_body_bytes={limit}")

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import BadRequestError, EmbeddingRequestError, PayloadTooLargeError, cause_of
+from deployments.validation import problems_message
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     problems = error.errors()
     if any(p.get("type") == "json_invalid" for p in problems):
         return error_response(BadRequestError("malformed JSON body"), request_id)
-    parts = []
-    for problem in problems[:5]:
-        location = ".".join(str(x) for x in problem.get("loc", ()) if x != "body")
-        parts.append(f"{location or 'body'}: {problem.get('msg', 'invalid')}")
-    return error_body("; ".join(parts), "invalid_request_error", 422, request_id)
+    return error_body(problems_message(problems), "invalid_request_error", 422, request_id)
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> Response:

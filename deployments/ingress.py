@@ -21,7 +21,6 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import BadRequestError
 from deployments.guard import RequestGuard
 from deployments.http_errors import JSONBytesResponse, error_body, install_error_handlers
 from deployments.pipeline import EmbeddingPipeline, collect_timings, stop_timings
@@ -90,11 +89,11 @@ class Ingress(EmbeddingPipeline):
     @timed
     async def openai_embeddings(self, body: OpenAIEmbeddingRequest) -> Response:
         """OpenAI's embeddings API: works unchanged with the official ``openai`` client."""
-        if isinstance(body.input, list) and body.input and not isinstance(body.input[0], str):
-            raise BadRequestError("token-id arrays are not supported as input; send text")
         name = self._model(body.model)
-        vectors, counts = await self.embed_texts(body.input, model=name, dimensions=body.dimensions,
-                                                 prompt_name=body.prompt_name, prompt=body.prompt, route="openai")
+        given_ids = isinstance(body.input, list) and bool(body.input) and not isinstance(body.input[0], str)
+        vectors, counts = await self.pooled_vectors(
+            name, texts=None if given_ids else body.input, token_ids=body.input if given_ids else None,
+            dimensions=body.dimensions, prompt_name=body.prompt_name, prompt=body.prompt, route="openai")
         if body.encoding_format == "base64":
             encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
         else:
@@ -111,21 +110,29 @@ class Ingress(EmbeddingPipeline):
     @timed
     async def embed(self, body: EmbedRequest) -> Response:
         """One pooled vector per input text."""
-        vectors, _ = await self.embed_texts(body.inputs, pairs=body.pairs, model=body.model, pooling=body.pooling,
-                                            normalize=body.normalize, truncate=body.truncate,
-                                            truncation_direction=body.truncation_direction,
-                                            dimensions=body.dimensions, prompt_name=body.prompt_name,
-                                            prompt=body.prompt, route="embed")
+        vectors, _ = await self.embed_request(body, "embed")
+        return JSONBytesResponse(vectors)
+
+    @app.post("/", response_model=EmbedResponse, tags=["TEI"])
+    @timed
+    async def model_task(self, body: EmbedRequest) -> Response:
+        """TEI's root route: the model's task (``/embed`` for an embedding model), as
+        ``huggingface_hub.InferenceClient(base_url=...).feature_extraction`` calls it."""
+        vectors, _ = await self.embed_request(body, "root")
+        return JSONBytesResponse(vectors)
+
+    @app.post("/invocations", response_model=EmbedResponse, tags=["TEI"])
+    @timed
+    async def invocations(self, body: EmbedRequest) -> Response:
+        """SageMaker's route, as TEI serves it: the same as ``POST /``."""
+        vectors, _ = await self.embed_request(body, "invocations")
         return JSONBytesResponse(vectors)
 
     @app.post("/embed_tokens", response_model=EmbedTokensResponse, tags=["native"])
     @timed
     async def embed_tokens(self, body: EmbedTokensRequest) -> Response:
         """One vector per wordpiece (or per word, from pre-split words), with the tokens."""
-        vectors, tokens = await self.embed_token_vectors(
-            texts=body.inputs, words=body.words, model=body.model, level=body.level,
-            sub_token_mode=body.sub_token_mode, truncate=body.truncate, prompt_name=body.prompt_name,
-            prompt=body.prompt, truncation_direction=body.truncation_direction, route="embed_tokens")
+        vectors, tokens = await self.token_vectors_request(body, "embed_tokens")
         return JSONBytesResponse([{"tokens": t, "embeddings": v} for t, v in zip(tokens, vectors)])
 
     @app.post("/embed_chunks", response_model=EmbedChunksResponse, tags=["native"])
@@ -134,10 +141,7 @@ class Ingress(EmbeddingPipeline):
         """Chunk vectors with character offsets: late chunking (each chunk pooled from its whole
         document's encoding), or each chunk embedded alone (``context: "chunk"``)."""
         name = self._model(body.model)
-        tables, vectors, tokens = await self.embed_document_chunks(
-            body.inputs, model=name, chunk_size=body.chunk_size, chunk_overlap=body.chunk_overlap,
-            spans=body.spans, context=body.context, pooling=body.pooling, normalize=body.normalize,
-            dimensions=body.dimensions, prompt_name=body.prompt_name, prompt=body.prompt, route="embed_chunks")
+        tables, vectors, tokens = await self.chunks_request(body.model_copy(update={"model": name}), "embed_chunks")
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         data = [{"index": index, "chunks": [
             {"start": int(start), "end": int(end), "text": text[start:end], "num_tokens": int(count),
@@ -149,15 +153,18 @@ class Ingress(EmbeddingPipeline):
     @app.post("/tokenize", response_model=TokenizeResponse, tags=["native"])
     async def tokenize(self, body: TokenizeRequest) -> Response:
         """The wordpieces the encoder sees for each input, and how many segments it folds into."""
-        return JSONBytesResponse(await self.tokenize_inputs(
-            texts=body.inputs, words=body.words, model=body.model, truncate=body.truncate,
-            prompt_name=body.prompt_name, prompt=body.prompt, truncation_direction=body.truncation_direction))
+        return JSONBytesResponse(await self.tokenize_request(body))
 
     @app.get("/models", response_model=ModelsResponse, tags=["native"])
     async def models(self) -> Response:
         """Served models: dimension, dtype, device, max_length, pooling, normalization, prompts, replicas."""
         cards = [ModelCard(**card).model_dump() for card in await self.list_models()]
         return JSONBytesResponse({"object": "list", "data": cards})
+
+    @app.get("/v1/models", response_model=ModelsResponse, tags=["OpenAI"])
+    async def openai_models(self) -> Response:
+        """OpenAI's model list (``client.models.list()``): the same cards as ``GET /models``."""
+        return await self.models()
 
     @app.get("/health", response_model=HealthResponse, tags=["native"])
     async def health(self) -> Response:

@@ -32,17 +32,20 @@ from deployments.metrics import IngressMetrics
 from deployments.protocol import ChunkRequest, EncodeOptions, EncodeResult, FoldRequest
 from deployments.settings import ServingSettings, deployment_name
 from deployments.tokenizer import RequestFolder
+from deployments.schema import EmbedChunksRequest, EmbedRequest, EmbedTokensRequest, TokenizeRequest
 from deployments.validation import (
     check_chunk_options,
     check_direction,
     check_pairs,
     check_pooling,
     check_texts,
+    check_token_ids,
     check_token_options,
     check_words,
+    parse_request,
     truncate_dimensions,
 )
-from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE
+from embedder.chunking import DEFAULT_CHUNK_SIZE
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
 from embedder.sentence_pooling import check_pooling_modes
@@ -95,6 +98,7 @@ class EmbeddingPipeline:
         #: per model: its replicas' infos, how many replicas ran when they were asked, and when
         self._placements: dict[str, tuple[list[dict], int, float]] = {}
         self._metrics = IngressMetrics()
+        self._started = int(time.time())
 
     # --- the way through -------------------------------------------------------
 
@@ -117,17 +121,23 @@ class EmbeddingPipeline:
                 raise
             raise mapped from None
 
-    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """``_run``, once more when a replica died mid-call: embedding calls are idempotent,
-        and Serve routes the second try to a live replica."""
+    async def _retrying(self, call: Callable[[], Awaitable[Any]], fold: FoldRequest) -> Any:
+        """``_run``, once more when a replica died mid-call and the request is small enough
+        (``limits.max_retried_chars``): embedding calls are idempotent, and Serve routes the second
+        try to a live replica, but a request that killed its replica by its size must not kill another."""
         try:
             return await self._run(call)
         except ReplicaFailedError:
+            if fold.tokenizing_cost > self._limits.max_retried_chars:
+                logger.warning("a replica failed under a request of %d characters; not resending it "
+                               "(over max_retried_chars=%d)", fold.tokenizing_cost, self._limits.max_retried_chars)
+                raise
             logger.warning("a replica failed mid-request; retrying once")
             return await self._run(call)
 
     def _tokenizes_here(self, fold: FoldRequest) -> bool:
-        return self._folder is not None and fold.num_chars <= self._settings.ingress.inline_tokenize_max_chars
+        return (self._folder is not None
+                and fold.tokenizing_cost <= self._settings.ingress.inline_tokenize_max_chars)
 
     def _fold(self, fold: FoldRequest) -> FoldedBatch | DeploymentResponse:
         """The folded batch (small requests), or the tokenizer deployment's response to pass on."""
@@ -137,7 +147,7 @@ class EmbeddingPipeline:
         """The folded batch itself, here (small requests) or from the tokenizer deployment."""
         if self._tokenizes_here(fold):
             return self._folder.fold(fold)
-        return await self._retrying(lambda: self._tokenizer.fold.remote(fold))
+        return await self._retrying(lambda: self._tokenizer.fold.remote(fold), fold)
 
     async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
         started = time.monotonic()
@@ -145,7 +155,7 @@ class EmbeddingPipeline:
         status = "error"
         try:
             result: EncodeResult = await self._retrying(
-                lambda: self._encoders[fold.model].encode.remote(self._fold(fold), options))
+                lambda: self._encoders[fold.model].encode.remote(self._fold(fold), options), fold)
             status = "ok"
         except EmbeddingRequestError as error:
             status = str(error.status_code)
@@ -172,14 +182,14 @@ class EmbeddingPipeline:
         except ValueError as error:
             raise BadRequestError(f"model {model!r}: {error}") from None
 
-    def _texts_or_words(self, model: str, texts: Any, words: Any, truncate: bool, truncation_direction: Any,
-                        prompt_name: Any, prompt: Any, return_wordpieces: bool) -> FoldRequest:
-        if (texts is None) == (words is None):
-            raise BadRequestError("give exactly one of texts or words")
+    def _texts_or_words(self, model: str, request: TokenizeRequest | EmbedTokensRequest,
+                        return_wordpieces: bool) -> FoldRequest:
+        texts, words = request.inputs, request.words
         return FoldRequest(model=model, texts=None if texts is None else check_texts(texts, self._limits),
                            words=None if words is None else check_words(words, self._limits),
-                           truncate=truncate, truncation_direction=check_direction(truncation_direction),
-                           prompt=self._prompt(model, prompt_name, prompt), return_wordpieces=return_wordpieces)
+                           truncate=request.truncate, truncation_direction=check_direction(request.truncation_direction),
+                           prompt=self._prompt(model, request.prompt_name, request.prompt),
+                           return_wordpieces=return_wordpieces)
 
     async def _model_info(self, name: str) -> dict:
         if name not in self._infos:
@@ -190,21 +200,29 @@ class EmbeddingPipeline:
         """Whether cut vectors (``dimensions``) are normalized again: the request's say, else the model's."""
         return (await self._model_info(name))["normalize"] if normalize is None else normalize
 
-    # --- handle API (cluster.EmbeddingClient) ----------------------------------
+    # --- the requests, validated: HTTP routes pass their bodies, the handle API its arguments ----
 
-    async def embed_texts(self, texts: Any = None, model: str | None = None, pooling: Any = None,
-                          normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
-                          pairs: Any = None, prompt_name: str | None = None, prompt: str | None = None,
-                          truncation_direction: str | None = None,
-                          route: str = "handle") -> tuple[np.ndarray, np.ndarray]:
+    async def embed_request(self, request: EmbedRequest, route: str) -> tuple[np.ndarray, np.ndarray]:
         """Pooled vectors ``[n, dim]`` (one per text, or per pair) and each input's wordpiece count."""
+        return await self.pooled_vectors(
+            request.model, texts=request.inputs, pairs=request.pairs, pooling=request.pooling,
+            normalize=request.normalize, truncate=request.truncate, truncation_direction=request.truncation_direction,
+            dimensions=request.dimensions, prompt_name=request.prompt_name, prompt=request.prompt, route=route)
+
+    async def pooled_vectors(self, model: str | None, *, texts: Any = None, pairs: Any = None, token_ids: Any = None,
+                             pooling: Any = None, normalize: bool | None = None, truncate: bool = False,
+                             truncation_direction: str | None = None, dimensions: int | None = None,
+                             prompt_name: str | None = None, prompt: str | None = None,
+                             route: str) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled vectors of exactly one of texts, pairs or token ids, and each input's wordpiece count."""
         name = self._model(model)
-        if (texts is None) == (pairs is None):
-            raise BadRequestError("give exactly one of texts or pairs")
+        if sum(x is not None for x in (texts, pairs, token_ids)) != 1:
+            raise BadRequestError("give exactly one of texts, pairs or token ids")
         fold = FoldRequest(model=name, truncate=truncate, truncation_direction=check_direction(truncation_direction),
-                           prompt=self._prompt(name, prompt_name, prompt),
+                           prompt=None if token_ids is not None else self._prompt(name, prompt_name, prompt),
                            texts=None if texts is None else check_texts(texts, self._limits),
-                           pairs=None if pairs is None else check_pairs(pairs, self._limits))
+                           pairs=None if pairs is None else check_pairs(pairs, self._limits),
+                           token_ids=None if token_ids is None else check_token_ids(token_ids, self._limits))
         options = EncodeOptions(level="pooled", pooling=check_pooling(pooling), normalize=normalize)
         result = await self._encode(fold, options, route)
         if dimensions is not None:
@@ -212,28 +230,21 @@ class EmbeddingPipeline:
                     result.num_wordpieces)
         return result.vectors, result.num_wordpieces
 
-    async def embed_token_vectors(self, texts: Any = None, words: Any = None, model: str | None = None,
-                                  level: str = "wordpiece", sub_token_mode: str = "avg", truncate: bool = False,
-                                  prompt_name: str | None = None, prompt: str | None = None,
-                                  truncation_direction: str | None = None,
-                                  route: str = "handle") -> tuple[list[np.ndarray], list[list[str]]]:
+    async def token_vectors_request(self, request: EmbedTokensRequest,
+                                    route: str) -> tuple[list[np.ndarray], list[list[str]]]:
         """Per input: ``[tokens, dim]`` vectors and the tokens (wordpieces, or the words)."""
-        name = self._model(model)
-        check_token_options(level, sub_token_mode, words)
-        fold = self._texts_or_words(name, texts, words, truncate, truncation_direction, prompt_name, prompt,
-                                    return_wordpieces=level == "wordpiece")
-        result = await self._encode(fold, EncodeOptions(level=level, sub_token_mode=sub_token_mode), route)
-        tokens = result.wordpieces if level == "wordpiece" else fold.words
+        name = self._model(request.model)
+        check_token_options(request.level, request.sub_token_mode, request.words)
+        fold = self._texts_or_words(name, request, return_wordpieces=request.level == "wordpiece")
+        result = await self._encode(fold, EncodeOptions(level=request.level, sub_token_mode=request.sub_token_mode),
+                                    route)
+        tokens = result.wordpieces if request.level == "wordpiece" else fold.words
         return result.vectors, tokens
 
-    async def tokenize_inputs(self, texts: Any = None, words: Any = None, model: str | None = None,
-                              truncate: bool = False, prompt_name: str | None = None, prompt: str | None = None,
-                              truncation_direction: str | None = None) -> list[dict]:
+    async def tokenize_request(self, request: TokenizeRequest) -> list[dict]:
         """The wordpieces, ids and segments of each input, as the encoder would see them."""
-        name = self._model(model)
-        fold = self._texts_or_words(name, texts, words, truncate, truncation_direction, prompt_name, prompt,
-                                    return_wordpieces=True)
-        batch = await self._folded(fold)
+        name = self._model(request.model)
+        batch = await self._folded(self._texts_or_words(name, request, return_wordpieces=True))
         ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
         entries = []
         for index in range(batch.num_inputs):
@@ -245,24 +256,19 @@ class EmbeddingPipeline:
             entries.append(entry)
         return entries
 
-    async def embed_document_chunks(self, texts: Any = None, model: str | None = None,
-                                    chunk_size: Any = DEFAULT_CHUNK_SIZE, chunk_overlap: Any = 0, spans: Any = None,
-                                    context: str = "document", pooling: Any = None, normalize: bool | None = None,
-                                    dimensions: int | None = None, prompt_name: str | None = None,
-                                    prompt: str | None = None,
-                                    route: str = "handle") -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    async def chunks_request(self, request: EmbedChunksRequest,
+                             route: str) -> tuple[list[np.ndarray], list[np.ndarray], int]:
         """Per document: its chunks ``[n, 3]`` (start and end characters, wordpieces) and their vectors
         ``[n, dim]``; and the wordpieces embedded. ``context="document"`` pools each chunk from the whole
         document's encoding (late chunking); ``"chunk"`` embeds each chunk's text alone."""
-        name = self._model(model)
-        texts = check_texts(texts, self._limits)
-        if context not in CHUNK_CONTEXTS:
-            raise BadRequestError(f"context must be one of {CHUNK_CONTEXTS}, not {context!r}")
-        spans = check_chunk_options(chunk_size, chunk_overlap, spans, len(texts))
-        chunking = ChunkRequest(chunk_size=chunk_size, chunk_overlap=chunk_overlap, spans=spans)
-        prompt_text = self._prompt(name, prompt_name, prompt)
-        modes = check_pooling(pooling)
-        if context == "document":
+        name = self._model(request.model)
+        texts = check_texts(request.inputs, self._limits)
+        spans = check_chunk_options(request.chunk_size, request.chunk_overlap, request.spans, len(texts),
+                                    self._limits)
+        chunking = ChunkRequest(chunk_size=request.chunk_size, chunk_overlap=request.chunk_overlap, spans=spans)
+        prompt_text = self._prompt(name, request.prompt_name, request.prompt)
+        modes, normalize = check_pooling(request.pooling), request.normalize
+        if request.context == "document":
             model_modes = check_pooling_modes(self._configs[name].pooling or "mean")
             if (modes or model_modes) != ("mean",):
                 raise BadRequestError(
@@ -281,10 +287,51 @@ class EmbeddingPipeline:
             vectors = np.split(result.vectors, bounds)
             tables = [np.column_stack([table[:, :2], counts])
                       for table, counts in zip(plan, np.split(result.num_wordpieces, bounds))]
-        if dimensions is not None:
+        if request.dimensions is not None:
             renormalize = await self._renormalizes(name, normalize)
-            vectors = [truncate_dimensions(v, dimensions, renormalize) for v in vectors]
+            vectors = [truncate_dimensions(v, request.dimensions, renormalize) for v in vectors]
         return tables, vectors, int(result.num_wordpieces.sum())
+
+    # --- handle API (cluster.EmbeddingClient): the arguments checked by the routes' own models -----
+
+    async def embed_texts(self, texts: Any = None, model: str | None = None, pooling: Any = None,
+                          normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
+                          pairs: Any = None, prompt_name: str | None = None, prompt: str | None = None,
+                          truncation_direction: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``POST /embed`` by handle."""
+        request = parse_request(EmbedRequest, inputs=texts, pairs=pairs, model=model, pooling=pooling,
+                                normalize=normalize, truncate=truncate, truncation_direction=truncation_direction,
+                                dimensions=dimensions, prompt_name=prompt_name, prompt=prompt)
+        return await self.embed_request(request, "handle")
+
+    async def embed_token_vectors(self, texts: Any = None, words: Any = None, model: str | None = None,
+                                  level: str = "wordpiece", sub_token_mode: str = "avg", truncate: bool = False,
+                                  prompt_name: str | None = None, prompt: str | None = None,
+                                  truncation_direction: str | None = None) -> tuple[list[np.ndarray], list[list[str]]]:
+        """``POST /embed_tokens`` by handle."""
+        request = parse_request(EmbedTokensRequest, inputs=texts, words=words, model=model, level=level,
+                                sub_token_mode=sub_token_mode, truncate=truncate, prompt_name=prompt_name,
+                                prompt=prompt, truncation_direction=truncation_direction)
+        return await self.token_vectors_request(request, "handle")
+
+    async def tokenize_inputs(self, texts: Any = None, words: Any = None, model: str | None = None,
+                              truncate: bool = False, prompt_name: str | None = None, prompt: str | None = None,
+                              truncation_direction: str | None = None) -> list[dict]:
+        """``POST /tokenize`` by handle."""
+        return await self.tokenize_request(parse_request(
+            TokenizeRequest, inputs=texts, words=words, model=model, truncate=truncate, prompt_name=prompt_name,
+            prompt=prompt, truncation_direction=truncation_direction))
+
+    async def embed_document_chunks(self, texts: Any = None, model: str | None = None,
+                                    chunk_size: Any = DEFAULT_CHUNK_SIZE, chunk_overlap: Any = 0, spans: Any = None,
+                                    context: str = "document", pooling: Any = None, normalize: bool | None = None,
+                                    dimensions: int | None = None, prompt_name: str | None = None,
+                                    prompt: str | None = None) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """``POST /embed_chunks`` by handle."""
+        request = parse_request(EmbedChunksRequest, inputs=texts, model=model, chunk_size=chunk_size,
+                                chunk_overlap=chunk_overlap, spans=spans, context=context, pooling=pooling,
+                                normalize=normalize, dimensions=dimensions, prompt_name=prompt_name, prompt=prompt)
+        return await self.chunks_request(request, "handle")
 
     async def list_models(self) -> list[dict]:
         """Every served model with its settings, its deployment's status and its replicas by state.
@@ -295,7 +342,8 @@ class EmbeddingPipeline:
         for config in self._settings.models:
             status = statuses.get(config.name, {})
             infos = await self._replica_infos(config.name, status.get("replicas", {}).get("running", 0))
-            cards.append({"id": config.name, **infos[0], **replica_placements(infos), **status})
+            cards.append({"id": config.name, "created": self._started, **infos[0], **replica_placements(infos),
+                          **status})
         return cards
 
     async def _replica_infos(self, name: str, running: int) -> list[dict]:

@@ -24,13 +24,14 @@ class ChunkRequest:
 
 @dataclass(frozen=True)
 class FoldRequest:
-    """What the tokenizer folds: exactly one of texts, pairs or words, for a served model, with the
-    prompt text already chosen (``None``: no prompt)."""
+    """What the tokenizer folds: exactly one of texts, pairs, words or token ids, for a served model,
+    with the prompt text already chosen (``None``: no prompt)."""
 
     model: str
     texts: list[str] | None = None
     pairs: list[tuple[str, str]] | None = None
     words: list[list[str]] | None = None
+    token_ids: list[list[int]] | None = None
     truncate: bool = False
     truncation_direction: TruncationDirection | None = None
     prompt: str | None = None
@@ -39,12 +40,23 @@ class FoldRequest:
 
     @property
     def num_chars(self) -> int:
-        """Characters in all inputs: the ingress tokenizes small requests itself."""
+        """Characters in all inputs (a token id counts as one)."""
         if self.texts is not None:
             return sum(map(len, self.texts))
         if self.pairs is not None:
             return sum(len(a) + len(b) for a, b in self.pairs)
+        if self.token_ids is not None:
+            return sum(map(len, self.token_ids))
         return sum(len(w) for words in self.words or () for w in words)
+
+    @property
+    def tokenizing_cost(self) -> int:
+        """What folding this request costs, in characters: each word and each span costs one more,
+        so that a list of empty words or of spans is not taken for a small request (the ingress
+        tokenizes only small requests itself, on its event loop)."""
+        words = sum(map(len, self.words)) if self.words is not None else 0
+        spans = sum(map(len, self.chunks.spans)) if self.chunks is not None and self.chunks.spans else 0
+        return self.num_chars + words + spans
 
 
 @dataclass(frozen=True)

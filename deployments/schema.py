@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
@@ -27,6 +27,25 @@ def truncation_direction_field() -> Any:
                                    "ones (left); the tokenizer's side when omitted.")
 
 
+def truncate_field() -> Any:
+    return Field(False, strict=True, description="Keep only max_length wordpieces of long inputs instead of "
+                                                 "folding (pairs: longest_first, as sentence-transformers).")
+
+
+def normalize_field() -> Any:
+    return Field(None, strict=True, description="L2-normalize; the model's default when omitted.")
+
+
+def dimensions_field() -> Any:
+    return Field(None, ge=1, strict=True, description="Keep the first N dimensions (Matryoshka).")
+
+
+#: A token id: an integer, never a boolean.
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+#: A text: a string, never bytes or a number turned into one (the handle's arguments pass here too).
+Text = Annotated[str, Field(strict=True)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -38,11 +57,14 @@ class OpenAIEmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="A text or a list of texts (token-id arrays are refused).")
+    input: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
+        ..., description="A text or a list of texts; or the served model's own token ids (a list of ids, or a "
+                         "list of such lists), as its tokenizer gives them, special tokens included. Not tiktoken's "
+                         "ids: LangChain's OpenAIEmbeddings needs check_embedding_ctx_length=False.")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions (re-normalized).")
+    dimensions: int | None = Field(None, ge=1, strict=True, description="Keep the first N dimensions "
+                                                                         "(re-normalized).")
     user: str | None = None
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
@@ -69,10 +91,10 @@ class OpenAIEmbeddingResponse(BaseModel):
 # --- native routes ----------------------------------------------------------
 
 class _TextsOrWords(_Request):
-    inputs: str | list[str] | None = Field(None, description="A text or a list of texts.")
-    words: list[list[str]] | None = Field(None, description="Pre-split words, a list per input.")
+    inputs: Text | list[Text] | None = Field(None, description="A text or a list of texts.")
+    words: list[list[Text]] | None = Field(None, description="Pre-split words, a list per input.")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
-    truncate: bool = Field(False, description="Keep only max_length wordpieces of long inputs instead of folding.")
+    truncate: bool = truncate_field()
     truncation_direction: TruncationDirection | None = truncation_direction_field()
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
@@ -87,17 +109,17 @@ class _TextsOrWords(_Request):
 class EmbedRequest(_Request):
     """``POST /embed``: one pooled vector per text (or per sentence pair)."""
 
-    inputs: str | list[str] | None = Field(None, description="A text or a list of texts.")
-    pairs: list[tuple[str, str]] | None = Field(
+    inputs: Text | list[Text] | None = Field(None, description="A text or a list of texts.")
+    pairs: list[tuple[Text, Text]] | None = Field(
         None, description="Sentence pairs instead of texts, encoded with the tokenizer's pair template "
                           "(type ids 0 and 1).")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
     pooling: Pooling | list[Pooling] | None = Field(
         None, description="A pooling mode (or several, concatenated); the model's own when omitted.")
-    normalize: bool | None = Field(None, description="L2-normalize; the model's default when omitted.")
-    truncate: bool = Field(False, description="Keep only max_length wordpieces of long inputs instead of folding.")
+    normalize: bool | None = normalize_field()
+    truncate: bool = truncate_field()
     truncation_direction: TruncationDirection | None = truncation_direction_field()
-    dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions.")
+    dimensions: int | None = dimensions_field()
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
 
@@ -111,12 +133,12 @@ class EmbedRequest(_Request):
 class EmbedChunksRequest(_Request):
     """``POST /embed_chunks``: documents -> chunk vectors with character offsets."""
 
-    inputs: str | list[str] = Field(..., description="A document or a list of documents.")
+    inputs: Text | list[Text] = Field(..., description="A document or a list of documents.")
     model: str | None = Field(None, description="A served model; the first one when omitted.")
-    chunk_size: int = Field(128, ge=1, description="Most wordpieces in a chunk; chunks end between words "
-                                                   "(a longer word is a chunk of its own).")
-    chunk_overlap: int = Field(0, ge=0, description="Wordpieces a chunk shares with the previous one "
-                                                    "(less than chunk_size).")
+    chunk_size: int = Field(128, ge=1, strict=True, description="Most wordpieces in a chunk; chunks end between "
+                                                                "words (a longer word is a chunk of its own).")
+    chunk_overlap: int = Field(0, ge=0, strict=True, description="Wordpieces a chunk shares with the previous one "
+                                                                 "(less than chunk_size).")
     spans: list[list[tuple[int, int]]] | None = Field(
         None, description="Per document, your own [start, end) character spans instead of chunk_size.")
     context: ChunkContext = Field(
@@ -124,8 +146,8 @@ class EmbedChunksRequest(_Request):
                                 "encoding; chunk: each chunk's text embedded alone, as /embed would.")
     pooling: Pooling | list[Pooling] | None = Field(
         None, description="Late chunking needs mean pooling: set 'mean' for a model that pools otherwise.")
-    normalize: bool | None = Field(None, description="L2-normalize; the model's default when omitted.")
-    dimensions: int | None = Field(None, ge=1, description="Keep the first N dimensions.")
+    normalize: bool | None = normalize_field()
+    dimensions: int | None = dimensions_field()
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
 
@@ -197,6 +219,7 @@ class TokenizeResponse(RootModel[list[Tokenized]]):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(..., description="When the ingress started serving it (Unix seconds), as OpenAI's field.")
     owned_by: str = "embedding-cluster"
     model_name: str
     dim: int = Field(..., description="The sentence vector's dimension (after any Dense module).")

@@ -174,11 +174,24 @@ class IngressSettings(ReplicaSettings):
 
 
 class LimitsSettings(_Strict):
-    """Request limits; past them a request gets 413 with the limit named."""
+    """Request limits, counted before the work they bound; past one a request gets 413 naming the
+    limit and the number asked. They apply to HTTP and handle calls alike."""
 
-    max_inputs_per_request: int = Field(2048, ge=1)
+    max_inputs_per_request: int = Field(2048, ge=1, description="Texts, pairs, token-id lists or word lists.")
     max_chars_per_input: int = Field(200_000, ge=1)
-    max_wordpieces_per_request: int = Field(400_000, ge=1)
+    max_wordpieces_per_request: int = Field(400_000, ge=1, description="Wordpieces of all inputs (token ids "
+                                                                       "included), specials counted.")
+    max_words_per_request: int = Field(50_000, ge=1, description="Pre-split words of all inputs, empty ones "
+                                                                "included: each is a row of the answer.")
+    max_chunks_per_request: int = Field(4096, ge=1, description="Chunks (or caller spans) of all documents of an "
+                                                               "/embed_chunks request: each is a vector.")
+    max_chunk_wordpieces_per_request: int = Field(
+        800_000, ge=1, description="Wordpieces that the chunks of a request pool, each overlap counted again: "
+                                   "the rows late chunking copies.")
+    max_retried_chars: int = Field(
+        65_536, ge=0, description="A request whose replica died mid-call is sent once more only if it has at most "
+                                  "this many characters (one that killed its replica by its size must not kill a "
+                                  "second): a bigger one gets 503.")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_requests_in_flight: int = Field(128, ge=1, description="HTTP requests one ingress replica works on at "
                                                                "once; past it, 503 with Retry-After at once.")
@@ -191,6 +204,13 @@ class ServingSettings(_Strict):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     api_key: str | None = None
+
+    @model_validator(mode="after")
+    def _no_empty_key(self) -> "ServingSettings":
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty, which would turn access control off without a word: set a key, "
+                             "or leave api_key (and EMBEDDING_CLUSTER_API_KEY) unset to serve without one")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServingSettings":

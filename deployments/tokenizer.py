@@ -15,6 +15,7 @@ from deployments.errors import BadRequestError, PayloadTooLargeError, UnknownMod
 from deployments.loading import load_indexer
 from deployments.protocol import FoldRequest
 from deployments.settings import LimitsSettings, ModelConfig
+from embedder.chunking import TooManyChunksError
 from embedder.folded_batch import FoldedBatch
 
 logger = logging.getLogger(__name__)
@@ -33,22 +34,37 @@ class RequestFolder:
         indexer = self._indexers.get(request.model)
         if indexer is None:
             raise UnknownModelError(f"no model named {request.model!r}; served: {sorted(self._indexers)}")
+        limits = self._limits
         try:
             if request.chunks is not None:
                 batch = indexer.fold_chunks(request.texts, chunk_size=request.chunks.chunk_size,
                                             chunk_overlap=request.chunks.chunk_overlap, spans=request.chunks.spans,
-                                            prompt=request.prompt, return_wordpieces=request.return_wordpieces)
+                                            prompt=request.prompt, return_wordpieces=request.return_wordpieces,
+                                            max_chunks=limits.max_chunks_per_request)
             else:
                 batch = indexer.fold(request.texts, pairs=request.pairs, words=request.words,
-                                     truncate=request.truncate, truncation_direction=request.truncation_direction,
-                                     prompt=request.prompt, return_wordpieces=request.return_wordpieces)
+                                     token_ids=request.token_ids, truncate=request.truncate,
+                                     truncation_direction=request.truncation_direction, prompt=request.prompt,
+                                     return_wordpieces=request.return_wordpieces)
+        except TooManyChunksError:
+            raise PayloadTooLargeError(
+                f"the documents give more than {limits.max_chunks_per_request} chunks, over the limit "
+                f"max_chunks_per_request={limits.max_chunks_per_request}; use a larger chunk_size, less "
+                "overlap or fewer documents per request") from None
         except (TypeError, ValueError) as error:
             raise BadRequestError(str(error)) from None
         total = int(batch.num_wordpieces.sum())
-        if total > self._limits.max_wordpieces_per_request:
+        if total > limits.max_wordpieces_per_request:
             raise PayloadTooLargeError(
-                f"the request has {total} wordpieces, over the limit of "
-                f"{self._limits.max_wordpieces_per_request} per request; split it into smaller requests")
+                f"the request has {total} wordpieces, over the limit max_wordpieces_per_request="
+                f"{limits.max_wordpieces_per_request}; split it into smaller requests")
+        if batch.has_chunks:
+            pooled = int((batch.chunk_spans[:, 1] - batch.chunk_spans[:, 0]).sum())
+            if pooled > limits.max_chunk_wordpieces_per_request:
+                raise PayloadTooLargeError(
+                    f"the request's chunks pool {pooled} wordpieces (overlaps counted again), over the limit "
+                    f"max_chunk_wordpieces_per_request={limits.max_chunk_wordpieces_per_request}; use less "
+                    "overlap, shorter spans or fewer documents per request")
         batch.tokenize_ms = 1000 * (time.perf_counter() - started)
         return batch
 

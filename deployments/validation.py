@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from deployments.errors import BadRequestError, PayloadTooLargeError
 from deployments.settings import LimitsSettings
@@ -15,6 +17,25 @@ from embedder.sentence_pooling import check_pooling_modes
 from embedder.word_pooling import SUB_TOKEN_MODES
 
 TOKEN_LEVELS = ("wordpiece", "word")
+Request = TypeVar("Request", bound=BaseModel)
+
+
+def problems_message(problems: Sequence[dict]) -> str:
+    """Pydantic's validation problems as one line naming each field (the first five)."""
+    parts = []
+    for problem in problems[:5]:
+        location = ".".join(str(x) for x in problem.get("loc", ()) if x != "body")
+        parts.append(f"{location or 'body'}: {problem.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def parse_request(schema: type[Request], /, **fields: Any) -> Request:
+    """A handle call's arguments checked by the HTTP route's own request model, so that both doors
+    accept and refuse the same things (``BadRequestError`` naming the field)."""
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as error:
+        raise BadRequestError(problems_message(error.errors())) from None
 
 
 def text_problem(value: Any) -> str | None:
@@ -42,14 +63,15 @@ def check_texts(value: Any, limits: LimitsSettings, name: str = "input") -> list
         if (problem := text_problem(text)) is not None:
             raise BadRequestError(f"{name}[{index}] {problem}")
         if len(text) > limits.max_chars_per_input:
-            raise PayloadTooLargeError(f"{name}[{index}] has {len(text)} characters, over the limit of "
-                                       f"{limits.max_chars_per_input}")
+            raise PayloadTooLargeError(f"{name}[{index}] has {len(text)} characters, over the limit "
+                                       f"max_chars_per_input={limits.max_chars_per_input}")
     return list(value)
 
 
 def check_count(count: int, limits: LimitsSettings) -> None:
     if count > limits.max_inputs_per_request:
-        raise PayloadTooLargeError(f"{count} inputs in one request, over the limit of {limits.max_inputs_per_request}")
+        raise PayloadTooLargeError(f"{count} inputs in one request, over the limit "
+                                   f"max_inputs_per_request={limits.max_inputs_per_request}")
 
 
 def check_words(value: Any, limits: LimitsSettings) -> list[list[str]]:
@@ -57,14 +79,36 @@ def check_words(value: Any, limits: LimitsSettings) -> list[list[str]]:
     if not isinstance(value, (list, tuple)) or not value:
         raise BadRequestError("'words' must be a non-empty list of lists of strings")
     check_count(len(value), limits)
+    total = sum(len(words) for words in value if isinstance(words, (list, tuple)))
+    if total > limits.max_words_per_request:
+        raise PayloadTooLargeError(f"the request has {total} words, over the limit "
+                                   f"max_words_per_request={limits.max_words_per_request}")
     for index, words in enumerate(value):
         if not isinstance(words, (list, tuple)) or not words:
             raise BadRequestError(f"words[{index}] must be a non-empty list of strings")
         if not all(isinstance(w, str) for w in words):
             raise BadRequestError(f"words[{index}] holds something that is not a string")
-        if sum(len(w) for w in words) > limits.max_chars_per_input:
-            raise PayloadTooLargeError(f"words[{index}] has more than {limits.max_chars_per_input} characters")
+        if (chars := sum(len(w) for w in words)) > limits.max_chars_per_input:
+            raise PayloadTooLargeError(f"words[{index}] has {chars} characters, over the limit "
+                                       f"max_chars_per_input={limits.max_chars_per_input}")
     return [list(words) for words in value]
+
+
+def check_token_ids(value: Any, limits: LimitsSettings) -> list[list[int]]:
+    """Token ids (OpenAI's ``input`` as ``list[int]`` or ``list[list[int]]``): non-empty lists of
+    integers, within the limits (an id counts as a wordpiece); the range is the indexer's check."""
+    lists = [value] if value and all(isinstance(i, int) for i in value) else value
+    if not lists or not all(isinstance(ids, (list, tuple)) and ids for ids in lists):
+        raise BadRequestError("token ids must be a non-empty list of integers, or a list of such lists")
+    check_count(len(lists), limits)
+    for index, ids in enumerate(lists):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise BadRequestError(f"input[{index}] holds something that is not a token id (an integer)")
+    total = sum(map(len, lists))
+    if total > limits.max_wordpieces_per_request:
+        raise PayloadTooLargeError(f"the request has {total} token ids, over the limit "
+                                   f"max_wordpieces_per_request={limits.max_wordpieces_per_request}")
+    return [list(ids) for ids in lists]
 
 
 def check_pairs(value: Any, limits: LimitsSettings) -> list[tuple[str, str]]:
@@ -102,9 +146,10 @@ def check_token_options(level: Any, sub_token_mode: Any, words: Any) -> None:
         raise BadRequestError("level 'word' needs pre-split words")
 
 
-def check_chunk_options(chunk_size: Any, chunk_overlap: Any, spans: Any, count: int) -> list | None:
-    """The chunking a request asks for: the caller's spans (checked here for their shape, against
-    the text when it is tokenized), else a valid size and overlap."""
+def check_chunk_options(chunk_size: Any, chunk_overlap: Any, spans: Any, count: int,
+                        limits: LimitsSettings) -> list | None:
+    """The chunking a request asks for: the caller's spans (checked here for their shape and number,
+    against the text when it is tokenized), else a valid size and overlap."""
     if spans is None:
         try:
             check_chunking(chunk_size, chunk_overlap)
@@ -113,6 +158,10 @@ def check_chunk_options(chunk_size: Any, chunk_overlap: Any, spans: Any, count: 
         return None
     if not isinstance(spans, (list, tuple)) or len(spans) != count:
         raise BadRequestError(f"'spans' must hold one list of [start, end) spans per document ({count})")
+    total = sum(len(document) for document in spans if isinstance(document, (list, tuple)))
+    if total > limits.max_chunks_per_request:
+        raise PayloadTooLargeError(f"the request has {total} spans, over the limit "
+                                   f"max_chunks_per_request={limits.max_chunks_per_request}")
     checked = []
     for index, document in enumerate(spans):
         if not isinstance(document, (list, tuple)) or not document:

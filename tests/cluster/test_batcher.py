@@ -100,17 +100,22 @@ def test_an_idle_model_runs_alone_once_the_wait_is_over() -> None:
     assert run(scenario()) == ("A", [["a"]])
 
 
-def test_a_failing_batch_fails_its_callers_and_the_next_batch_runs() -> None:
-    async def scenario() -> tuple[list, str]:
+def test_a_failing_request_fails_alone_and_its_batch_mates_get_their_answers() -> None:
+    async def scenario() -> tuple[list, str, list[list[str]]]:
         model = GatedModel(fail_on="bad")
         model.release.set()
         batcher = ContinuousBatcher(model, max_weight=100, wait_s=0)
-        failed = await asyncio.gather(batcher.submit("ok", 1), batcher.submit("bad", 1), return_exceptions=True)
-        return failed, await batcher.submit("later", 1)
+        answers = await asyncio.gather(*(batcher.submit(item, 1) for item in ["a", "b", "bad", "c", "d"]),
+                                       return_exceptions=True)
+        return answers, await batcher.submit("later", 1), model.batches
 
-    failed, later = run(scenario())
-    assert all(isinstance(error, ValueError) and "bad item" in str(error) for error in failed)
+    answers, later, batches = run(scenario())
+    assert answers[:2] == ["A", "B"] and answers[3:] == ["C", "D"]
+    assert isinstance(answers[2], ValueError) and "bad item" in str(answers[2])
     assert later == "LATER"
+    # the failed batch is halved until the culprit runs alone
+    assert batches[0] == ["a", "b", "bad", "c", "d"] and ["bad"] in batches
+    assert sum(batch.count("bad") for batch in batches) <= 4
 
 
 def test_cancelled_callers_are_left_out_of_the_next_batch() -> None:

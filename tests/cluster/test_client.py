@@ -43,10 +43,24 @@ def test_errors_name_the_problem(client):
         client.embed(TEXTS, model="gpt")
     with pytest.raises(BadRequestError, match="input\\[1\\] is empty"):
         client.embed(["ok", ""])
-    with pytest.raises(BadRequestError, match="expected a string"):
+    with pytest.raises(BadRequestError, match="valid string"):
         client.embed([b"bytes"])
     with pytest.raises(PayloadTooLargeError, match="101 inputs"):
         client.embed(["x"] * 101)
     with pytest.raises(BadRequestError, match="type ids too large"):
         client.embed(pairs=[("a", "b")], model="tiny-roberta")
     assert client.embed(TEXTS).shape == (2, 384)
+
+
+@pytest.mark.parametrize("arguments, field", [
+    ({"dimensions": -5}, "dimensions"), ({"dimensions": 0}, "dimensions"), ({"dimensions": True}, "dimensions"),
+    ({"dimensions": 2.5}, "dimensions"), ({"truncate": "yes"}, "truncate"), ({"normalize": 1}, "normalize"),
+    ({"pooling": "median"}, "pooling"), ({"truncation_direction": "up"}, "truncation_direction"),
+])
+def test_handle_arguments_are_checked_as_http_checks_them(client, http, arguments, field):
+    """One validation for both doors: what /embed refuses, the handle refuses, naming the field."""
+    with pytest.raises(BadRequestError, match=field):
+        client.embed(TEXTS, **arguments)
+    response = http.post("/embed", json={"inputs": TEXTS, **arguments})
+    assert response.status_code == 422 and field in response.json()["error"]["message"]
+    assert client.embed(TEXTS, dimensions=8).shape == (2, 8)

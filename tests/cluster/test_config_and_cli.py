@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cluster.app import app_builder
+from cluster.app import app_builder, build_app
 from cluster.config import ClusterConfig, ModelConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +81,21 @@ def test_one_rule_for_the_api_key(monkeypatch):
     assert config.with_api_key().api_key == "from-env"
     assert config.with_api_key("from-flag").api_key == "from-flag"
     assert ClusterConfig().with_api_key().api_key == "from-env"
+
+
+def test_an_empty_api_key_is_refused_not_taken_for_none(monkeypatch):
+    monkeypatch.delenv("EMBEDDING_CLUSTER_API_KEY", raising=False)
+    with pytest.raises(ValidationError, match="api_key is empty"):
+        ClusterConfig(api_key="")
+    with pytest.raises(ValidationError, match="api_key is empty"):
+        ClusterConfig(api_key="  ")
+    with pytest.raises(ValueError, match="--api-key is empty"):
+        ClusterConfig(api_key="from-config").with_api_key("")
+    monkeypatch.setenv("EMBEDDING_CLUSTER_API_KEY", "")
+    with pytest.raises(ValueError, match="EMBEDDING_CLUSTER_API_KEY .* is empty"):
+        ClusterConfig(api_key="from-config").with_api_key()
+    with pytest.raises(ValueError, match="EMBEDDING_CLUSTER_API_KEY .* is empty"):
+        build_app(ClusterConfig())
 
 
 def test_example_deploy_config_is_valid():
