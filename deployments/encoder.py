@@ -18,7 +18,7 @@ from ray import serve
 
 from deployments.batcher import ContinuousBatcher, Queued
 from deployments.errors import BadRequestError, ModelLoadError
-from deployments.loading import concurrent_batches, load_encoder, replica_device
+from deployments.loading import concurrent_batches, load_encoder, release_replica_weights, replica_device
 from deployments.metrics import EncoderMetrics
 from deployments.protocol import EncodeOptions, EncodeResult
 from deployments.settings import ModelConfig
@@ -37,6 +37,12 @@ HEALTHY_IF_ANSWERED_WITHIN_S = 10.0
 HEALTH_PROBE_TIMEOUT_S = 20.0
 
 
+def batch_allowance_s(tokens: int, seconds_per_token: float, floor_s: float, factor: float) -> float:
+    """How long a batch of ``tokens`` may run before its forward counts as hung: ``factor`` times
+    what its tokens take at the slowest rate this replica has seen, and never less than ``floor_s``."""
+    return max(floor_s, factor * tokens * seconds_per_token)
+
+
 @dataclass(frozen=True)
 class _Request:
     """One request's inputs and options, as queued for a batch."""
@@ -51,6 +57,10 @@ class Encoder:
     ``max_batch_tokens`` tokens; each batch is encoded (length-sorted sub-batches,
     unfolded, pooled) on a worker thread so that the replica keeps accepting
     requests while the model runs."""
+
+    #: A running batch fails the health check past ``batch_allowance_s(tokens, ..., floor, factor)``.
+    hung_batch_floor_s = 60.0
+    hung_batch_factor = 20.0
 
     def __init__(self, model: ModelConfig) -> None:
         started = time.monotonic()
@@ -73,8 +83,12 @@ class Encoder:
         self._batcher: ContinuousBatcher[_Request, EncodeResult] = ContinuousBatcher(
             self._encode_batch, model.max_batch_tokens, model.batch_wait_timeout_s, concurrency=self._batches)
         self._probe = self._encoder.indexer.fold([WARM_UP_TEXT])
+        #: the running batches' start times and tokens, and the slowest seconds per token seen
+        self._running: dict[int, tuple[float, int]] = {}
+        warm_up_started = time.monotonic()
         self._probe_digest = self._executor.submit(self._warm_up).result()
         self._last_success = time.monotonic()
+        self._seconds_per_token = (self._last_success - warm_up_started) / self._probe.num_tokens
         self._ready_seconds = time.monotonic() - started
         logger.info("encoder %s ready on %s (%s, %d batches at once, %d torch threads each) in %.2f s, weights "
                     "from %s", model.name, self._device, self._embedder.dtype, self._batches, threads,
@@ -84,6 +98,14 @@ class Encoder:
         """Run the model once; the digest of its answer tells replicas' weights apart."""
         vectors = encode_folded(self._embedder, self._probe, head=self._head)[0]
         return hashlib.sha256(vectors.tobytes()).hexdigest()[:16]
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica gracefully (scale-down, redeploy, ``serve.delete``,
+        Ray's ``serve`` CLI as well as ours): release this replica's hold on its weights in the store, so
+        that weights no replica serves any more leave the object store. Once only (Python may call it again)."""
+        if "_config" in self.__dict__ and not self.__dict__.get("_weights_released"):
+            self._weights_released = True
+            release_replica_weights(self._config)
 
     def replica_info(self) -> dict:
         """This replica: where its weights came from, how long it took to be ready, its process, and
@@ -127,12 +149,21 @@ class Encoder:
         }
 
     async def check_health(self) -> None:
-        """Serve calls this every few seconds; raising gets the replica replaced. Healthy when a batch
-        succeeded lately or one is running (a long request must not get its replica killed: a broken
-        model fails the batch at once, and the next check probes), else when a one-text forward
-        (through the batcher, bounded) answers finite vectors: a replica whose model cannot run any
-        more (e.g. a CUDA context broken by a device-side assert) fails it."""
-        if self._batcher.batches_running or time.monotonic() - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
+        """Serve calls this every few seconds; raising gets the replica replaced. Unhealthy when a
+        running batch has run far longer than its tokens warrant (``batch_allowance_s``: a hung
+        forward). Healthy when a batch succeeded lately or one is running (a long request must not
+        get its replica killed: a broken model fails the batch at once, and the next check probes),
+        else when a one-text forward (through the batcher, bounded) answers finite vectors: a replica
+        whose model cannot run any more (e.g. a CUDA context broken by a device-side assert) fails it."""
+        now = time.monotonic()
+        for started, tokens in list(self._running.values()):
+            allowed = batch_allowance_s(tokens, self._seconds_per_token, self.hung_batch_floor_s,
+                                        self.hung_batch_factor)
+            if now - started > allowed:
+                raise RuntimeError(f"model {self._config.name!r}: a batch of {tokens} tokens has run for "
+                                   f"{now - started:.1f} s, over the {allowed:.1f} s its size warrants: its "
+                                   "forward pass is hung")
+        if self._batcher.batches_running or now - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
             return
         result = await asyncio.wait_for(self._batcher.submit(_Request(self._probe, EncodeOptions()),
                                                              weight=self._probe.num_tokens),
@@ -167,8 +198,15 @@ class Encoder:
     async def _encode_batch(self, queued: list[Queued[_Request]]) -> list[EncodeResult]:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
+        tokens = sum(entry.weight for entry in queued)
+        key = id(queued)
+        self._running[key] = (started, tokens)
+        try:
+            results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
+        finally:
+            del self._running[key]
         self._last_success = time.monotonic()
+        self._seconds_per_token = max(self._seconds_per_token, (self._last_success - started) / max(tokens, 1))
         inference_ms = 1000 * (self._last_success - started)
         self._metrics.batch_latency.observe(inference_ms, tags=self._metrics.tags)
         for entry, result in zip(queued, results):

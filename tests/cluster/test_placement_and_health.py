@@ -4,6 +4,7 @@ dtypes across replicas, length guards, deterministic pooling, and the encoder's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import numpy as np
@@ -99,9 +100,10 @@ def test_health_check_runs_a_forward_and_fails_when_the_model_cannot(encoder):
     asyncio.run(scenario())
 
 
-def test_a_long_batch_keeps_its_replica_healthy(encoder, minilm_path):
-    """A health check during a batch that runs long must not queue a probe behind it (three probes
-    timing out would get Serve to kill the replica mid-request)."""
+@contextlib.contextmanager
+def gated_forward(encoder):
+    """The encoder's forward pass waits until the test sets ``release`` (``entered`` is set once a
+    batch is in it): a batch that runs as long as the test wants, in the real model."""
     forward, entered, release = encoder._embedder.transformer_model.forward, threading.Event(), threading.Event()
 
     def gated(*args, **kwargs):
@@ -110,8 +112,17 @@ def test_a_long_batch_keeps_its_replica_healthy(encoder, minilm_path):
         return forward(*args, **kwargs)
 
     encoder._embedder.transformer_model.forward = gated
+    try:
+        yield entered, release
+    finally:
+        release.set()
+        encoder._embedder.transformer_model.forward = forward
 
-    async def scenario() -> np.ndarray:
+
+def test_a_long_batch_keeps_its_replica_healthy(encoder, minilm_path):
+    """A health check during a batch that runs long must not queue a probe behind it (three probes
+    timing out would get Serve to kill the replica mid-request)."""
+    async def scenario(entered: threading.Event, release: threading.Event) -> np.ndarray:
         running = asyncio.ensure_future(encoder.encode(PretrainedTransformerIndexer(minilm_path).fold(["long"]),
                                                        EncodeOptions()))
         await asyncio.to_thread(entered.wait, 60)
@@ -122,10 +133,28 @@ def test_a_long_batch_keeps_its_replica_healthy(encoder, minilm_path):
             release.set()
         return (await running).vectors
 
-    try:
-        assert asyncio.run(scenario()).shape == (1, 384)
-    finally:
-        encoder._embedder.transformer_model.forward = forward
+    with gated_forward(encoder) as (entered, release):
+        assert asyncio.run(scenario(entered, release)).shape == (1, 384)
+
+
+def test_a_hung_forward_fails_the_health_check(encoder, minilm_path):
+    """A batch that runs far past what its tokens warrant gets its replica replaced: here the
+    allowance is set to nothing, so the gated forward counts as hung at once."""
+    async def scenario(entered: threading.Event, release: threading.Event) -> np.ndarray:
+        running = asyncio.ensure_future(encoder.encode(PretrainedTransformerIndexer(minilm_path).fold(["stuck"]),
+                                                       EncodeOptions()))
+        await asyncio.to_thread(entered.wait, 60)
+        try:
+            await encoder.check_health()  # within the default allowance (a minute at least)
+            encoder.hung_batch_floor_s, encoder.hung_batch_factor = 0.0, 0.0
+            with pytest.raises(RuntimeError, match="a batch of \\d+ tokens has run for .* forward pass is hung"):
+                await encoder.check_health()
+        finally:
+            release.set()
+        return (await running).vectors
+
+    with gated_forward(encoder) as (entered, release):
+        assert asyncio.run(scenario(entered, release)).shape == (1, 384)
 
 
 def _broken(*args, **kwargs):
