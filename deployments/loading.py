@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -10,11 +11,13 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from deployments.settings import ModelConfig
-from deployments.weight_store import load_shared
+from deployments.weight_store import load_shared, release_user
 from embedder.cache import cached_model, put_model
 from embedder.devices import choose_dtype
 from embedder.indexer import PretrainedTransformerIndexer
 from embedder.sentence_encoder import SentenceEncoder
+
+logger = logging.getLogger(__name__)
 
 
 def load_indexer(model: ModelConfig) -> PretrainedTransformerIndexer:
@@ -22,14 +25,32 @@ def load_indexer(model: ModelConfig) -> PretrainedTransformerIndexer:
     return model.sentence_settings().indexer()
 
 
-def weights_user(model: ModelConfig) -> str:
-    """Who holds a model's weights in the store: the Serve deployment this process is a replica of,
-    else this process."""
+def weights_holder(model: ModelConfig) -> tuple[str, str | None]:
+    """Who holds a model's weights in the store, and its group: in a Serve replica, the replica
+    (``app/deployment/replica``, so that each replica releases only its own hold when it stops)
+    in the group of its deployment (``app/deployment``); else this process, in no group."""
     try:
         context = serve.get_replica_context()
     except RayServeException:
-        return f"process-{os.getpid()}/{model.name}"
-    return f"{context.app_name}/{context.deployment}"
+        return f"process-{os.getpid()}/{model.name}", None
+    group = f"{context.app_name}/{context.deployment}"
+    return f"{group}/{context.replica_tag}", group
+
+
+def release_replica_weights(model: ModelConfig) -> None:
+    """Release this Serve replica's hold on the weights of ``model`` (a stopping replica; nothing
+    outside a replica, without Ray, or for a model that does not share its weights). Never raises:
+    it runs in a destructor, maybe while Ray goes down with the process."""
+    if not (model.share_weights and ray.is_initialized()):
+        return
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return
+    try:
+        release_user(weights_holder(model)[0])
+    except Exception as error:
+        logger.warning("could not release the weights of model %s (%s: %s)", model.name, type(error).__name__, error)
 
 
 def placement(device: str, gpu_ids: list | None, cuda_available: bool) -> torch.device:
@@ -65,7 +86,8 @@ def load_encoder(model: ModelConfig, threads: int | None = None,
     in its dtype, and where its weights came from (``"store"``, ``"disk"``, ``"disk, no store"``).
 
     With ``share_weights`` and Ray running, the weights come through the cluster's
-    weight store, held by ``user`` (default: ``weights_user``). On CPU, torch uses ``threads`` threads (default: the model's
+    weight store, held by ``user`` (default: ``weights_holder``, released again if the encoder
+    cannot be built). On CPU, torch uses ``threads`` threads (default: the model's
     ``torch_threads``, else its ``num_cpus``), so that replicas sharing a machine do
     not oversubscribe its cores.
     """
@@ -74,25 +96,32 @@ def load_encoder(model: ModelConfig, threads: int | None = None,
         torch.set_num_threads(threads or model.cpu_threads)
     dtype = choose_dtype(model.dtype, device)
     source = "disk"
-    if model.share_weights and ray.is_initialized():
-        spec = model.sentence_settings().transformer_spec(dtype, model.override_weights_file,
-                                                          model.override_weights_strip_prefix)
-        shared, source = load_shared(spec, lambda: cached_model(spec), user or weights_user(model))
-        put_model(spec, shared)
-    encoder = SentenceEncoder(
-        model.model_name,
-        max_length=model.max_length,
-        pooling=model.pooling,
-        normalize=model.normalize,
-        prompts=model.prompts,
-        default_prompt_name=model.default_prompt_name,
-        dtype=dtype,
-        device=str(device),
-        last_layer_only=model.last_layer_only,
-        sub_module=model.sub_module,
-        override_weights_file=model.override_weights_file,
-        override_weights_strip_prefix=model.override_weights_strip_prefix,
-        tokenizer_kwargs=model.tokenizer_kwargs,
-        transformer_kwargs=model.transformer_kwargs,
-    )
+    own_user = None
+    try:
+        if model.share_weights and ray.is_initialized():
+            spec = model.sentence_settings().transformer_spec(dtype, model.override_weights_file,
+                                                              model.override_weights_strip_prefix)
+            own_user, group = weights_holder(model) if user is None else (None, None)
+            shared, source = load_shared(spec, lambda: cached_model(spec), user or own_user, group)
+            put_model(spec, shared)
+        encoder = SentenceEncoder(
+            model.model_name,
+            max_length=model.max_length,
+            pooling=model.pooling,
+            normalize=model.normalize,
+            prompts=model.prompts,
+            default_prompt_name=model.default_prompt_name,
+            dtype=dtype,
+            device=str(device),
+            last_layer_only=model.last_layer_only,
+            sub_module=model.sub_module,
+            override_weights_file=model.override_weights_file,
+            override_weights_strip_prefix=model.override_weights_strip_prefix,
+            tokenizer_kwargs=model.tokenizer_kwargs,
+            transformer_kwargs=model.transformer_kwargs,
+        )
+    except BaseException:
+        if own_user is not None:  # nobody would release a hold of an encoder that never started
+            release_user(own_user)
+        raise
     return encoder, source

@@ -7,10 +7,15 @@ node; one copy per node otherwise) into a model built from the config, so a
 replica the autoscaler adds never reads and parses weight files again, and CPU
 replicas on a node share one copy of the weights. On a miss the first replica
 loads from disk and publishes while the others wait for it (bounded), so replicas
-starting together read the files once. Every user (a deployment, or a bulk job)
-holds one key: when a redeployed model moves to another key, or a user is
-released, keys nobody holds are dropped. Without a store (it died, or Ray is not
-running) replicas load from disk, with a warning.
+starting together read the files once. Every user (an encoder replica, or a bulk
+job) holds one key: when a redeployed model moves to another key, or a user is
+released, keys nobody holds are dropped. A replica releases its own hold when Serve
+stops it (``Encoder.__del__``: scale-down, redeploy, ``serve delete``, ``serve
+shutdown``); the replicas of one deployment form a group that moves to a new key
+together, so a replica that ended without releasing (a crash) holds no old weights
+once its deployment moved on. ``release_weights`` releases a whole app at once.
+Without a store (it died, or Ray is not running) replicas load from disk, with a
+warning.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ STORE_NAMESPACE = "embedding-cluster"
 CALL_TIMEOUT_S = 120.0
 #: How long a replica waits for another one that is loading the same weights, before loading them itself.
 LOAD_WAIT_S = 300.0
+#: How long a stopping replica waits for the store to take its release (Serve's graceful shutdown allows 20 s).
+RELEASE_TIMEOUT_S = 5.0
 
 
 @ray.remote(num_cpus=0)
@@ -47,14 +54,23 @@ class WeightStore:
         self._refs: dict[str, ray.ObjectRef] = {}
         self._loading: dict[str, asyncio.Event] = {}
         self._held: dict[str, str] = {}  # user -> key
+        self._groups: dict[str, str] = {}  # user -> its group (the deployment, for a replica)
 
-    async def acquire(self, key: str, user: str, wait_s: float) -> list[ray.ObjectRef]:
-        """``user`` now holds ``key`` (its earlier key is dropped if nobody else holds it).
+    async def acquire(self, key: str, user: str, wait_s: float, group: str | None = None) -> list[ray.ObjectRef]:
+        """``user`` now holds ``key`` (its earlier key is dropped if nobody else holds it); so does
+        its ``group``: the group's other users holding another key are released (replicas of the
+        deployment's earlier version, or ended without releasing).
         ``[ref]`` when the weights are here (in a list, so that Ray hands over the reference, not
         the arrays), after waiting up to ``wait_s`` for another user loading them; ``[]`` when the
         caller is to load them (it then calls ``publish``, or ``abandon`` if it fails)."""
+        moved = [] if group is None else [u for u, g in self._groups.items()
+                                          if g == group and u != user and self._held.get(u) != key]
         previous = self._held.get(user)
         self._held[user] = key
+        if group is not None:
+            self._groups[user] = group
+        for other in moved:
+            self._forget(other)
         if previous is not None and previous != key:
             self._drop_unheld(previous)
         if key not in self._refs and key in self._loading:
@@ -70,11 +86,12 @@ class WeightStore:
     async def publish(self, key: str, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """Keep a copy of ``refs[0]``, owned by the store, under ``key`` unless another user was first;
         the stored reference. (The publisher's own object goes when it drops it: Ray 2.56 removed
-        ``ray.put(_owner=...)``, so the store must copy to own the weights.)"""
-        if key not in self._refs:
+        ``ray.put(_owner=...)``, so the store must copy to own the weights.) A key nobody holds any
+        more (its users were released while it loaded) is not kept: the publisher gets its own back."""
+        if key not in self._refs and key in self._held.values():
             self._refs[key] = ray.put(await refs[0])
         self._wake(key)
-        return [self._refs[key]]
+        return [self._refs.get(key, refs[0])]
 
     async def abandon(self, key: str) -> None:
         """The user loading ``key`` failed: let the waiting ones load it themselves."""
@@ -84,8 +101,13 @@ class WeightStore:
         """Forget every user whose name starts with ``prefix`` and drop the keys nobody holds now;
         the number of keys left."""
         for user in [u for u in self._held if u.startswith(prefix)]:
-            key = self._held.pop(user)
-            self._drop_unheld(key)
+            self._forget(user)
+        return len(self._refs)
+
+    async def release_user(self, user: str) -> int:
+        """Forget ``user`` (exactly that name) and drop its key if nobody holds it now; the number of
+        keys left."""
+        self._forget(user)
         return len(self._refs)
 
     async def keys(self) -> list[str]:
@@ -98,6 +120,12 @@ class WeightStore:
         event = self._loading.pop(key, None)
         if event is not None:
             event.set()
+
+    def _forget(self, user: str) -> None:
+        self._groups.pop(user, None)
+        key = self._held.pop(user, None)
+        if key is not None:
+            self._drop_unheld(key)
 
     def _drop_unheld(self, key: str) -> None:
         if key not in self._held.values():
@@ -130,6 +158,19 @@ def release_weights(prefix: str) -> None:
         logger.warning("could not release the weights of %s (%s)", prefix, error)
 
 
+def release_user(user: str) -> None:
+    """Release the one user ``user`` (a stopping replica), waiting at most ``RELEASE_TIMEOUT_S``.
+    The store stays even when empty: other replicas may be starting and about to use it. Waits with
+    ``ray.wait``, which, unlike ``ray.get``, does not warn in an async actor (a Serve replica)."""
+    try:
+        store = ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE)
+    except ValueError:
+        return
+    done, _ = ray.wait([store.release_user.remote(user)], timeout=RELEASE_TIMEOUT_S)
+    if not done:
+        logger.warning("the weight store did not answer the release of %s within %.0f s", user, RELEASE_TIMEOUT_S)
+
+
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """Bytes of ``model``'s weight tensors (each storage once): all of them, and those that lie in
     shared memory mappings of this process (the object store's), read from ``/proc/self/maps``.
@@ -160,14 +201,18 @@ def _shared(ref: ray.ObjectRef, spec: ModelSpec) -> PreTrainedModel:
     return model
 
 
-def load_shared(spec: ModelSpec, load: Callable[[], PreTrainedModel], user: str) -> tuple[PreTrainedModel, str]:
+def load_shared(spec: ModelSpec, load: Callable[[], PreTrainedModel], user: str, group: str | None = None,
+                wait_s: float = LOAD_WAIT_S) -> tuple[PreTrainedModel, str]:
     """The model of ``spec`` and where its weights came from: ``"store"`` (mapped from the
     object store), ``"disk"`` (loaded, published, then mapped) or ``"disk, no store"``.
-    ``user`` names who holds the weights (an app's deployment, a bulk job)."""
+    ``user`` names who holds the weights (an encoder replica, a bulk job), ``group`` the users
+    that move to new weights together (a replica's deployment). Once this process is the one to
+    load, any failure abandons the key, so that the others waiting (up to ``wait_s``) load at once:
+    a failure to share falls back to the loaded model, anything else is raised."""
     key = store_key(spec)
     try:
         store = weight_store()
-        found = ray.get(store.acquire.remote(key, user, LOAD_WAIT_S), timeout=LOAD_WAIT_S + CALL_TIMEOUT_S)
+        found = ray.get(store.acquire.remote(key, user, wait_s, group), timeout=wait_s + CALL_TIMEOUT_S)
         if found:
             return _shared(found[0], spec), "store"
     except (RayActorError, GetTimeoutError, ValueError) as error:
@@ -183,7 +228,10 @@ def load_shared(spec: ModelSpec, load: Callable[[], PreTrainedModel], user: str)
         published = ray.get(store.publish.remote(key, [own]), timeout=CALL_TIMEOUT_S)
         del own  # the store's copy is the one kept: only one copy stays in the object store
         return _shared(published[0], spec), "disk"
-    except (RayActorError, GetTimeoutError, ValueError) as error:
+    except BaseException as error:
         store.abandon.remote(key)
-        logger.warning("could not share the weights of %s (%s)", spec.model_name, error)
+        if not isinstance(error, Exception):
+            raise
+        logger.warning("could not share the weights of %s (%s: %s); using the copy loaded from disk",
+                       spec.model_name, type(error).__name__, error)
         return model, "disk, no store"

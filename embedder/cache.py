@@ -2,7 +2,11 @@
 
 The cluster's version of AllenNLP's ``cached_transformers`` and
 ``PretrainedBertModel`` cache: a model spec loads once per process, whatever
-number of embedders use it; a trainable embedder asks for its own copy.
+number of embedders use it; a trainable embedder asks for its own copy. Models
+load in float32, as AllenNLP's do, unless a dtype is asked for (transformers 5
+would otherwise keep a checkpoint's saved dtype). A cached model is reloaded when
+its weight files change on disk (``weights_fingerprint``), e.g. after retraining
+into the same folder.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from embedder.weights import load_weights_file
+from embedder.weights import load_weights_file, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+#: What a model loads in when no dtype is asked for (AllenNLP's), whatever dtype its checkpoint was saved in.
+DEFAULT_DTYPE = torch.float32
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -56,12 +62,12 @@ def _freeze(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything that changes the loaded weights: the cache key."""
+    """Everything that changes the loaded weights: the cache key (with the files' fingerprint)."""
 
     model_name: str
     override_weights_file: str | None = None
     override_weights_strip_prefix: str | None = None
-    dtype: str | None = None
+    dtype: str = str(DEFAULT_DTYPE).removeprefix("torch.")
     model_class: str | None = None
     load_kwargs: tuple = field(default=())
 
@@ -76,19 +82,22 @@ class ModelSpec:
         model_class: str | None = None,
         **load_kwargs: Any,
     ) -> "ModelSpec":
-        torch_dtype = resolve_dtype(dtype)
+        """The spec of these arguments; ``dtype`` (or the older ``torch_dtype`` among the load kwargs,
+        as ``from_pretrained`` takes it) defaults to ``DEFAULT_DTYPE``."""
+        torch_dtype = load_kwargs.pop("torch_dtype", None)
+        torch_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype) or DEFAULT_DTYPE
         return cls(
             model_name=str(model_name),
             override_weights_file=None if override_weights_file is None else str(override_weights_file),
             override_weights_strip_prefix=override_weights_strip_prefix,
-            dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
+            dtype=str(torch_dtype).removeprefix("torch."),
             model_class=model_class,
             load_kwargs=_freeze(load_kwargs),
         )
 
     @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return resolve_dtype(self.dtype)
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype or DEFAULT_DTYPE)
 
 
 @dataclass
@@ -102,7 +111,7 @@ class CacheInfo:
 
 
 _lock = threading.RLock()
-_models: dict[ModelSpec, PreTrainedModel] = {}
+_models: dict[ModelSpec, tuple[str | None, PreTrainedModel]] = {}  # spec -> (files' fingerprint, model)
 _tokenizers: dict[tuple, PreTrainedTokenizerBase] = {}
 _info = CacheInfo()
 
@@ -129,11 +138,10 @@ def _load_model(spec: ModelSpec) -> PreTrainedModel:
     if spec.override_weights_file is None:
         model = _model_class(spec).from_pretrained(spec.model_name, dtype=spec.torch_dtype, **kwargs)
     else:
-        model = model_from_config(spec, AutoConfig.from_pretrained(spec.model_name, **kwargs))
+        # built in the spec's dtype: from_config would otherwise build it in the dtype config.json names
+        model = model_from_config(spec, AutoConfig.from_pretrained(spec.model_name, **kwargs), dtype=spec.torch_dtype)
         state_dict = load_weights_file(spec.override_weights_file, spec.override_weights_strip_prefix)
         _load_override_state_dict(model, state_dict, spec.override_weights_file)
-        if spec.torch_dtype is not None:
-            model = model.to(spec.torch_dtype)
     model.eval()
     return model
 
@@ -184,24 +192,40 @@ def get_model(
     return cached_model(spec, make_copy=make_copy)
 
 
+def files_fingerprint(spec: ModelSpec) -> str | None:
+    """``weights_fingerprint`` of the files ``spec`` loads, from this machine's files only (``stat``
+    calls, no request to the hub per lookup); ``None`` while they are not here (a hub model not
+    downloaded yet)."""
+    try:
+        return weights_fingerprint(spec.model_name, spec.override_weights_file, local_files_only=True)
+    except OSError:
+        return None
+
+
 def cached_model(spec: ModelSpec, *, make_copy: bool = False) -> PreTrainedModel:
-    """``get_model`` for a spec already built."""
+    """``get_model`` for a spec already built. The cached model is the one loaded from the files
+    as they are now: when their fingerprint changed, it is loaded again (and the old one dropped)."""
+    fingerprint = files_fingerprint(spec)
     with _lock:
-        model = _models.get(spec)
-        if model is None:
-            logger.info("Loading %s", spec)
-            model = _load_model(spec)
-            _models[spec] = model
-            _info.model_loads += 1
-        else:
+        cached = _models.get(spec)
+        if cached is not None and cached[0] == fingerprint:
+            model = cached[1]
             _info.model_hits += 1
+        else:
+            logger.info("Loading %s%s", spec, "" if cached is None else " (its files changed)")
+            model = _load_model(spec)
+            # the fingerprint from before loading: files changing meanwhile make the next lookup reload
+            _models[spec] = (files_fingerprint(spec) if fingerprint is None else fingerprint, model)
+            _info.model_loads += 1
     return copy.deepcopy(model) if make_copy else model
 
 
 def put_model(spec: ModelSpec, model: PreTrainedModel) -> None:
-    """Make ``model`` the cached one for ``spec`` (e.g. built from weights another process shared)."""
+    """Make ``model`` the cached one for ``spec`` and its files as they are now (e.g. built from
+    weights another process shared)."""
+    fingerprint = files_fingerprint(spec)
     with _lock:
-        _models[spec] = model
+        _models[spec] = (fingerprint, model)
 
 
 def get_tokenizer(model_name: str | Path, **tokenizer_kwargs: Any) -> PreTrainedTokenizerBase:

@@ -62,13 +62,13 @@ def transformer_spec(model_name: str, transformer_kwargs: dict[str, Any] | None 
                      override_weights_strip_prefix: str | None = None,
                      model_class: str | None = None) -> ModelSpec:
     """The weight-cache key of the transformer that ``PretrainedTransformerEmbedder`` loads
-    for these arguments (``dtype`` or ``torch_dtype`` in ``transformer_kwargs`` is the dtype)."""
+    for these arguments (``dtype`` or ``torch_dtype`` in ``transformer_kwargs`` is the dtype;
+    float32 when neither is given, as AllenNLP loads, not the checkpoint's saved dtype)."""
     load_kwargs = dict(transformer_kwargs or {})
     dtype = load_kwargs.pop("dtype", None)
-    torch_dtype = load_kwargs.pop("torch_dtype", None)
     return ModelSpec.create(model_name, override_weights_file=override_weights_file,
                             override_weights_strip_prefix=override_weights_strip_prefix,
-                            dtype=dtype or torch_dtype, model_class=model_class, **load_kwargs)
+                            dtype=dtype, model_class=model_class, **load_kwargs)
 
 
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:

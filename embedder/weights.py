@@ -42,12 +42,15 @@ def load_weights_file(path: str | Path, strip_prefix: str | None = None) -> dict
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
-def weights_fingerprint(model_name: str | Path, override_weights_file: str | Path | None = None) -> str:
+def weights_fingerprint(model_name: str | Path, override_weights_file: str | Path | None = None, *,
+                        local_files_only: bool = False) -> str:
     """A short digest of the name, size and modification time of every weight file and
     ``config.json`` of a model (a local folder, or a hub snapshot through the hub cache), and
     of an override file: it changes when the files are replaced, e.g. after retraining into the
-    same folder, so caches keyed by it never hand out stale weights."""
-    config = cached_file(str(model_name), "config.json")
+    same folder, so caches keyed by it never hand out stale weights. Only ``stat`` calls, never
+    the files' contents, so it is cheap for any size of model. ``local_files_only`` resolves a hub
+    name from the hub cache without asking the hub (``OSError`` when it was never downloaded)."""
+    config = cached_file(str(model_name), "config.json", local_files_only=local_files_only)
     folder = Path(config).parent
     files = [path for path in sorted(folder.rglob("*"))
              if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name == "config.json")]
