@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from cluster.config import ClusterConfig, load_config
+from cluster.ray_connect import ClusterAuthError, join_ray
 from deployments.errors import ModelLoadError
 
 logger = logging.getLogger("embedding_cluster")
@@ -52,7 +53,11 @@ def serve_command(args: argparse.Namespace) -> int:
         logger.warning("HTTP binds %s: the API is reachable from other machines%s", config.http.host,
                        "" if config.api_key else " and has no API key (--api-key)")
     joined = args.address is not None
-    ray.init(address=args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
+    try:
+        join_ray(args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
+    except ClusterAuthError as error:
+        print(f"embedding-cluster serve: {error}", file=sys.stderr)
+        return 2
     if not joined:
         config = config.with_local_threads(int(ray.cluster_resources().get("CPU", 1)))
     stop = threading.Event()
@@ -98,7 +103,11 @@ def embed_command(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as error:
         print(f"embedding-cluster embed: {error}", file=sys.stderr)
         return 2
-    ray.init(address=args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
+    try:
+        join_ray(args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
+    except ClusterAuthError as error:
+        print(f"embedding-cluster embed: {error}", file=sys.stderr)
+        return 2
     try:
         summary = run_bulk_job(args.input, args.output, model, text_column=args.text_column,
                                id_column=args.id_column, level=args.level, truncate=args.truncate,

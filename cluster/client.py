@@ -11,6 +11,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentResponse
 
+from cluster.ray_connect import join_ray
 from deployments.errors import EmbeddingRequestError, cause_of
 
 
@@ -53,7 +54,7 @@ class EmbeddingClient:
     def __init__(self, address: str | None = None, app_name: str = "embeddings",
                  timeout_s: float | None = None) -> None:
         if not ray.is_initialized():
-            ray.init(address=address or "auto", log_to_driver=False)
+            join_ray(address or "auto", log_to_driver=False)
         self._handle = serve.get_app_handle(app_name)
         self._timeout_s = timeout_s
 
