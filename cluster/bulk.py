@@ -5,7 +5,9 @@ each text into segments (stored per row as ragged Arrow lists), then an encode
 stage on GPU (or CPU) actors loads the model once per actor through the cache,
 batches segments by a token budget (``encode_folded``) and writes vectors.
 Rows whose text is null, not a string or empty keep flowing: their vector is
-null and the ``error`` column says why.
+null and the ``error`` column says why. An input that already has a column the
+stages write (``error``, ``num_tokens``, the output column, the chunk columns)
+is refused, so that no user column is overwritten or read as the stages' own.
 
 With ``chunks`` every document becomes one row per chunk (``chunk_index``,
 ``chunk_start``, ``chunk_end``, ``chunk_text``): late chunking pools each chunk
@@ -16,7 +18,9 @@ rows in the tokenize stage and embeds each chunk's text alone.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,11 +29,13 @@ import pyarrow as pa
 import ray
 import torch
 from ray.data import ActorPoolStrategy, Dataset
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.config import ClusterConfig
 from deployments.loading import concurrent_batches, load_encoder, load_indexer
 from deployments.settings import ModelConfig
 from deployments.validation import text_problem
+from deployments.weight_store import STORE_NAME, STORE_NAMESPACE
 from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE, ChunkContext, check_chunking
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import encode_folded
@@ -38,6 +44,7 @@ from embedder.sentence_pooling import check_pooling_modes
 logger = logging.getLogger(__name__)
 
 BulkLevel = Literal["pooled", "wordpiece"]
+EMBEDDING_COLUMN = "embedding"
 ERROR_COLUMN = "error"
 TOKENS_COLUMN = "num_tokens"
 _TOKEN_IDS = "__token_ids"
@@ -46,9 +53,15 @@ _PROMPT_LENGTH = "__prompt_length"
 _CHUNK_SPANS = "__chunk_spans"
 _CHUNK_CHARS = "__chunk_chars"
 _INTERNAL = (_TOKEN_IDS, _SEGMENT_LENGTHS, _PROMPT_LENGTH, _CHUNK_SPANS, _CHUNK_CHARS)
+#: Why a row could not be read (a JSON line that is not an object, say): an input column the tokenize
+#: stage turns into that row's ``error``, internal so that it never meets a user's own columns.
+INPUT_ERROR_COLUMN = "__input_error"
 CHUNK_INDEX, CHUNK_START, CHUNK_END, CHUNK_TEXT = "chunk_index", "chunk_start", "chunk_end", "chunk_text"
+CHUNK_COLUMNS = (CHUNK_INDEX, CHUNK_START, CHUNK_END, CHUNK_TEXT)
 NO_TOKENS = "text has no tokens"
 BULK_WEIGHTS_USER = "bulk-{}/"
+#: How long an encode actor that is shutting down waits for the weight store to forget it.
+RELEASE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,27 @@ def _chunk_columns(texts: list[Any], tables: list[np.ndarray | None]) -> tuple[n
     return counts, starts, ends, pieces
 
 
+def written_columns(output_column: str, chunks: Chunking | None) -> dict[str, str]:
+    """The columns ``embed_dataset`` writes into each row, and what each one holds."""
+    written = {output_column: "the vectors", TOKENS_COLUMN: "the wordpieces of each text",
+               ERROR_COLUMN: "why a row has no vector"}
+    if chunks is not None:
+        written |= dict.fromkeys(CHUNK_COLUMNS, "the chunks")
+    return written | dict.fromkeys(_INTERNAL, "internal")
+
+
+def check_input_columns(columns: Iterable[str], output_column: str = EMBEDDING_COLUMN,
+                        chunks: Chunking | None = None) -> None:
+    """Refuse an input that already has a column the job writes: it would be overwritten, or read as
+    the job's own (a user ``error`` column would fail every row that has a value there)."""
+    written = written_columns(output_column, chunks)
+    clashes = [name for name in columns if name in written]
+    if clashes:
+        described = ", ".join(f"{name!r} ({written[name]})" for name in clashes)
+        raise ValueError(f"the input already has the column{'s' * (len(clashes) > 1)} {described}, which the "
+                         "embedding job writes itself; rename that column in the input so that it is kept")
+
+
 def row_problem(value: Any) -> str | None:
     """Why a row's text cannot be embedded (the serving path's rule), or ``None``."""
     problem = text_problem(value)
@@ -106,9 +140,10 @@ class TokenizeStage:
     its chunks too; with ``context="chunk"``, one row per chunk, folded alone)."""
 
     def __init__(self, model: ModelConfig, text_column: str, truncate: bool, prompt: str | None,
-                 chunking: Chunking | None = None) -> None:
+                 chunking: Chunking | None = None, output_column: str = EMBEDDING_COLUMN) -> None:
         self._indexer = load_indexer(model)
         self._text_column = text_column
+        self._output_column = output_column
         self._truncate = truncate
         self._prompt = prompt
         self._chunking = chunking
@@ -116,12 +151,13 @@ class TokenizeStage:
     def __call__(self, table: pa.Table) -> pa.Table:
         if self._text_column not in table.column_names:
             raise KeyError(f"the dataset has no column {self._text_column!r}; it has {table.column_names}")
+        check_input_columns(table.column_names, self._output_column, self._chunking)
         texts = table.column(self._text_column).to_pylist()
-        earlier = (table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names
+        earlier = (table.column(INPUT_ERROR_COLUMN).to_pylist() if INPUT_ERROR_COLUMN in table.column_names
                    else [None] * len(texts))
         problems = [before or row_problem(t) for before, t in zip(earlier, texts)]
-        if ERROR_COLUMN in table.column_names:
-            table = table.drop_columns([ERROR_COLUMN])
+        if INPUT_ERROR_COLUMN in table.column_names:
+            table = table.drop_columns([INPUT_ERROR_COLUMN])
         if self._chunking is not None and self._chunking.context == "chunk":
             table, texts, problems = self._split_into_chunks(table, texts, problems)
         valid = [i for i, problem in enumerate(problems) if problem is None]
@@ -202,14 +238,23 @@ def _folded_rows(table: pa.Table, rows: np.ndarray, num_start: int, num_end: int
     )
 
 
+def actor_weights_user(prefix: str) -> str:
+    """Who this encode actor holds its weights as: ``prefix`` and the actor's id (the process id
+    outside an actor), so that each actor releases only its own hold."""
+    return f"{prefix}/{ray.get_runtime_context().get_actor_id() or f'process-{os.getpid()}'}"
+
+
 class EncodeStage:
     """``map_batches`` class: folded rows -> one float32 vector (or one per wordpiece) per row; with
-    late chunking, one row per chunk."""
+    late chunking, one row per chunk. Holds the weights in the weight store as
+    ``actor_weights_user(weights_user)`` until ray.data shuts the pool down."""
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | list[str] | None,
                  normalize: bool | None, threads: int | None, weights_user: str, text_column: str = "text",
                  chunking: Chunking | None = None) -> None:
-        encoder, _ = load_encoder(model, threads, user=weights_user)
+        user = actor_weights_user(weights_user)
+        self._weights_user = user if model.share_weights and ray.is_initialized() else None
+        encoder, _ = load_encoder(model, threads, user=user)
         self._embedder, self._head = encoder.embedder, encoder.head
         self._pooling = pooling
         self._normalize = normalize
@@ -218,6 +263,22 @@ class EncodeStage:
         self._level = level
         self._text_column = text_column
         self._late = chunking is not None and chunking.context == "document"
+
+    def __del__(self) -> None:
+        """Release this actor's hold on the weights: ray.data deletes its actors' UDF objects when it
+        shuts a pool down gracefully (a killed or crashed actor keeps its hold until the prefix is
+        released). The store itself stays, even with nothing left in it, for ``release_weights`` of the
+        job to remove: removing it here would race the job's own release."""
+        user = getattr(self, "_weights_user", None)
+        if user is None or not ray.is_initialized():
+            return
+        try:
+            store = ray.get_actor(STORE_NAME, namespace=STORE_NAMESPACE)
+            ray.get(store.release.remote(user), timeout=RELEASE_TIMEOUT_S)
+        except ValueError:  # no store: nothing is held
+            pass
+        except (RayActorError, GetTimeoutError) as error:
+            logger.warning("could not release the weights of %s (%s)", user, error)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         level = "chunk" if self._late else self._level
@@ -305,7 +366,7 @@ def embed_dataset(
     model: ModelConfig | str | None = None,
     *,
     text_column: str = "text",
-    output_column: str = "embedding",
+    output_column: str = EMBEDDING_COLUMN,
     level: BulkLevel = "pooled",
     pooling: str | list[str] | None = None,
     normalize: bool | None = None,
@@ -323,13 +384,21 @@ def embed_dataset(
     """Add ``output_column`` (fixed-size float32 lists), ``num_tokens`` and ``error`` to ``ds``.
 
     ``model`` is a ``ModelConfig`` or the name of the default config's model
-    (``None``: the bundled MiniLM). Every other column passes through. Long
+    (``None``: the bundled MiniLM). Every other column passes through; a column of ``ds``
+    named like one of those written (see ``written_columns``) raises ``ValueError``, here when
+    ``ds``'s schema is known without running it, else from its first batch (which ray.data
+    wraps in a ``UserCodeException``). Long
     texts are folded, never truncated unless ``truncate``. ``prompt_name`` / ``prompt``
     choose a prompt as on ``/embed`` (the model's default prompt when neither is given).
     ``chunks`` gives one row per chunk of each document (see ``Chunking``) with the chunk
-    columns; late chunking needs a model that mean-pools (or ``pooling="mean"``). The encode
-    actors hold the model's weights in the cluster's weight store as ``weights_user`` (default:
-    a new ``bulk-<id>/`` name); ``deployments.weight_store.release_weights`` frees them.
+    columns; late chunking needs a model that mean-pools (or ``pooling="mean"``).
+
+    Each encode actor holds the model's weights in the cluster's weight store as
+    ``<weights_user><model name>/<actor id>`` (``weights_user`` default: a new ``bulk-<id>/``)
+    and releases them when ray.data shuts its pool down, which it does once the dataset is
+    consumed to its end or its consumer stops. Pass your own ``weights_user`` and call
+    ``deployments.weight_store.release_weights(weights_user)`` when done: it frees what actors
+    killed on the way still hold, and removes the store once nobody holds anything.
     Pool sizes and CPU encoders' torch threads default from the resources free now.
     """
     if level not in ("pooled", "wordpiece"):
@@ -340,6 +409,9 @@ def embed_dataset(
     prompt = model.prompt(prompt_name, prompt)
     if pooling is not None:
         check_pooling_modes(pooling)
+    schema = ds.schema(fetch_if_missing=False)
+    if schema is not None:
+        check_input_columns(schema.names, output_column, chunks)
     if chunks is not None and chunks.context == "document":
         if level != "pooled":
             raise ValueError("chunks give pooled vectors; level must be 'pooled'")
@@ -356,7 +428,7 @@ def embed_dataset(
     tokenized = ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate, "prompt": prompt,
-                               "chunking": chunks},
+                               "chunking": chunks, "output_column": output_column},
         batch_format="pyarrow",
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=tokenize_actors or default_tokenizers),

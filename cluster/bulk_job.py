@@ -3,7 +3,9 @@
 Results stream back from ``embed_dataset`` and are written as parquet parts,
 each first to a temporary name and then renamed, so a part that exists is
 complete. ``resume`` keeps the parts of an earlier run and embeds only the
-rows whose ids they do not hold.
+rows whose ids they do not hold. Before any embedding, one pass over the input
+refuses columns the job would write itself and, with an id column, ids that
+are missing or not unique (resume could not tell those rows apart).
 """
 
 from __future__ import annotations
@@ -22,8 +24,18 @@ import ray
 from ray.data import Dataset
 from tqdm import tqdm
 
-from cluster.bulk import BULK_WEIGHTS_USER, CHUNK_INDEX, ERROR_COLUMN, TOKENS_COLUMN, BulkLevel, Chunking, embed_dataset
-from cluster.sources import IO_TASK_CPUS, expand_inputs, read_inputs
+from cluster.bulk import (
+    BULK_WEIGHTS_USER,
+    CHUNK_INDEX,
+    ERROR_COLUMN,
+    INPUT_ERROR_COLUMN,
+    TOKENS_COLUMN,
+    BulkLevel,
+    Chunking,
+    check_input_columns,
+    embed_dataset,
+)
+from cluster.sources import IO_TASK_CPUS, InputProfile, expand_inputs, profile_input, read_inputs
 from deployments.settings import ModelConfig
 from deployments.weight_store import release_weights
 
@@ -86,6 +98,25 @@ def _collect_finished_parts(output: Path, id_column: str, summary: BulkSummary) 
     return pa.concat_arrays(ids) if ids else pa.array([])
 
 
+def _check_ids(profile: InputProfile, id_column: str) -> None:
+    """Refuse null or repeated ids: ``resume`` keeps the rows whose ids the finished parts hold, so a
+    row without an id, or one sharing its id, would be lost (or embedded twice) on every resume."""
+    advice = ("--resume tells the rows already done by their id, so every row needs an id of its own: fix the "
+              "input, or run without --id-column and --resume (every input column is kept anyway)")
+    if profile.null_ids:
+        raise ValueError(f"{profile.null_ids} row{'s' * (profile.null_ids > 1)} of the input "
+                         f"{'have' if profile.null_ids > 1 else 'has'} no {id_column!r} (e.g. the row "
+                         f"{profile.null_example}); {advice}")
+    counts = pc.value_counts(profile.ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0].as_py()
+        extra = pc.sum(repeated.field("counts")).as_py() - len(repeated)
+        raise ValueError(f"{len(repeated)} {id_column!r} value{'s' * (len(repeated) > 1)} of the input "
+                         f"{'occur' if len(repeated) > 1 else 'occurs'} in more than one row ({extra} duplicate "
+                         f"row{'s' * (extra > 1)}; e.g. {example['values']!r} in {example['counts']} rows); {advice}")
+
+
 def _drop_done(table: pa.Table, id_column: str, done_ref) -> pa.Table:
     done = ray.get(done_ref)
     if len(done) == 0:
@@ -137,7 +168,9 @@ def run_bulk_job(
 ) -> BulkSummary:
     """Embed every row of ``source`` into parquet parts under ``output`` (Ray must be initialized).
     ``prompt_name`` / ``prompt`` choose the prompt as on ``/embed``; with ``chunks`` each document
-    gives one row per chunk, and a part always holds whole documents (so ``resume`` works per id)."""
+    gives one row per chunk, and a part always holds whole documents (so ``resume`` works per id).
+    Raises ``ValueError`` before any embedding for an input column the job writes itself, and with
+    ``id_column`` (or ``resume``, whose default id column is ``id``) for null or repeated ids."""
     started = time.monotonic()
     model = model.resolved()
     model.prompt(prompt_name, prompt)
@@ -149,17 +182,21 @@ def run_bulk_job(
                               "or choose an empty folder")
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds: Dataset = read_inputs(expand_inputs(source), text_column)
-    summary.rows_in = ds.count()
-    columns = ds.schema().names
     if resume:
         id_column = id_column or "id"
-        if id_column not in columns:
-            raise KeyError(f"--resume needs an id column; the input has no {id_column!r} (use --id-column)")
+    profile = profile_input(ds, id_column)
+    summary.rows_in = profile.rows
+    check_input_columns(profile.columns, chunks=chunks)
+    if id_column is not None:
+        if id_column not in profile.columns:
+            raise KeyError(f"--resume needs an id column; the input has no {id_column!r} (use --id-column)"
+                           if resume else f"the input has no id column {id_column!r}; it has "
+                           f"{[name for name in profile.columns if name != INPUT_ERROR_COLUMN]}")
+        _check_ids(profile, id_column)
+    if resume:
         done = _collect_finished_parts(output, id_column, summary)
         ds = ds.map_batches(_drop_done, fn_kwargs={"id_column": id_column, "done_ref": ray.put(done)},
                             batch_format="pyarrow", num_cpus=IO_TASK_CPUS)
-    elif id_column is not None and id_column not in columns:
-        raise KeyError(f"the input has no id column {id_column!r}; it has {columns}")
     run_id = uuid.uuid4().hex[:8]
     weights_user = BULK_WEIGHTS_USER.format(run_id)
     embedded = embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import ray
 from ray.data import Dataset
 
-from cluster.bulk import ERROR_COLUMN
+from cluster.bulk import INPUT_ERROR_COLUMN
 from deployments.validation import text_problem
 
 #: CPUs a read or parse task asks for: light I/O work that must not wait behind the actor pools.
@@ -42,7 +45,9 @@ def parse_json_lines(table: pa.Table, text_column: str) -> pa.Table:
     """``map_batches`` function: lines of JSON objects -> columns.
 
     A line that is not a JSON object, or whose text is not a string, becomes a
-    row with a null text and an ``error``, so that it is counted, not lost.
+    row with a null text and the reason in ``INPUT_ERROR_COLUMN`` (the tokenize stage makes it
+    the row's ``error``), so that it is counted, not lost. Every field of the objects is kept
+    (but one named ``INPUT_ERROR_COLUMN``, which is the parser's).
     """
     records, errors = [], []
     for line in table.column("text").to_pylist():
@@ -61,10 +66,10 @@ def parse_json_lines(table: pa.Table, text_column: str) -> pa.Table:
         else:
             errors.append(None)
         records.append(record)
-    keys = list(dict.fromkeys(k for r in records for k in r if k not in (ERROR_COLUMN, text_column)))
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in (INPUT_ERROR_COLUMN, text_column)))
     columns = {key: _column([r.get(key) for r in records]) for key in keys}
     columns[text_column] = pa.array([r.get(text_column) for r in records], type=pa.string())
-    columns[ERROR_COLUMN] = pa.array(errors, type=pa.string())
+    columns[INPUT_ERROR_COLUMN] = pa.array(errors, type=pa.string())
     return pa.table(columns)
 
 
@@ -102,3 +107,57 @@ def read_inputs(files: list[Path], text_column: str = "text") -> Dataset:
                            "(use --text-column)")
         datasets.append(ds)
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+
+
+@dataclass
+class InputProfile:
+    """What one pass over the input found: its rows, every column any block has (JSON Lines
+    blocks may differ), and with an id column each non-null id as text, how many rows have none
+    and one of those rows."""
+
+    rows: int
+    columns: list[str]
+    ids: pa.Array
+    null_ids: int
+    null_example: str | None
+
+
+def _short(value: Any) -> Any:
+    """A value for a message: long strings cut to 40 characters."""
+    return value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "…"
+
+
+def _id_text(ids: pa.Array) -> pa.Array:
+    """Ids as strings, so that blocks whose ids came out as different types still compare."""
+    try:
+        return pc.cast(ids, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.array([repr(value) for value in ids.to_pylist()], type=pa.string())
+
+
+def _row_example(row: dict[str, Any]) -> str:
+    """One row for a message: its non-null fields, long strings cut, and why it could not be read."""
+    problem = row.pop(INPUT_ERROR_COLUMN, None)
+    example = repr({key: _short(value) for key, value in row.items() if value is not None})
+    return example + (f" ({problem})" if problem else "")
+
+
+def profile_input(ds: Dataset, id_column: str | None = None) -> InputProfile:
+    """One streaming pass over ``ds``, before any embedding: what ``InputProfile`` holds. The blocks
+    come to this process rather than to a map task of this module's own, which every fresh worker
+    would first have to import (torch with it) before doing next to nothing."""
+    rows, nulls, columns, ids, example = 0, 0, {}, [], None
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += block.num_rows
+        columns.update(dict.fromkeys(block.column_names))
+        if id_column is None:
+            continue
+        values = (block.column(id_column).combine_chunks() if id_column in block.column_names
+                  else pa.nulls(block.num_rows))
+        if values.null_count:
+            nulls += values.null_count
+            if example is None:
+                example = _row_example(block.filter(values.is_null()).slice(0, 1).to_pylist()[0])
+        ids.append(_id_text(values.drop_null()))
+    return InputProfile(rows=rows, columns=list(columns), null_ids=nulls, null_example=example,
+                        ids=pa.concat_arrays(ids) if ids else pa.array([], type=pa.string()))
