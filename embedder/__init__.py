@@ -5,6 +5,7 @@ Never imports ray: use it in a plain torch training loop.
 
 from embedder.bert_embedder import BertEmbedder, PretrainedBertEmbedder, PretrainedBertModel
 from embedder.cache import ModelSpec, cache_info, clear_cache, get_model, get_tokenizer
+from embedder.cross_encoder import CrossEncoderFolder, CrossEncoderScorer, PairScore, read_cross_encoder_folder
 from embedder.folded_batch import FoldedBatch
 from embedder.indexer import PretrainedTransformerIndexer
 from embedder.inference import EncodeStats, encode_folded
@@ -19,9 +20,12 @@ from embedder.word_pooling import pool_spans
 
 __all__ = [
     "BertEmbedder",
+    "CrossEncoderFolder",
+    "CrossEncoderScorer",
     "EncodeStats",
     "FoldedBatch",
     "ModelSpec",
+    "PairScore",
     "POOLING_MODES",
     "PretrainedBertEmbedder",
     "PretrainedBertModel",
@@ -42,6 +46,7 @@ __all__ = [
     "pool_ragged",
     "pool_sentences",
     "pool_spans",
+    "read_cross_encoder_folder",
     "read_sentence_folder",
     "resolve_sentence_settings",
 ]

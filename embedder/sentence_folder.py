@@ -104,7 +104,8 @@ def find_file(model_name: str, filename: str) -> Path | None:
     return None if path is None else Path(path)
 
 
-def _read_json(model_name: str, filename: str) -> dict | list | None:
+def read_json(model_name: str, filename: str) -> dict | list | None:
+    """A JSON file of a model folder, or ``None`` if it has none (invalid JSON: ``UnsupportedModelError``)."""
     path = find_file(model_name, filename)
     if path is None:
         return None
@@ -142,14 +143,14 @@ def _pooling_modes(config: dict, where: str) -> tuple[str, ...]:
 
 def _read_pooling(model_name: str, path: str) -> tuple[tuple[str, ...], bool]:
     where = f"{model_name}/{_join(path, 'config.json')}"
-    config = _read_json(model_name, _join(path, "config.json"))
+    config = read_json(model_name, _join(path, "config.json"))
     if not isinstance(config, dict):
         raise UnsupportedModelError(f"{where}: the Pooling module has no config")
     return _pooling_modes(config, where), bool(config.get("include_prompt", True))
 
 
 def _read_head_module(model_name: str, kind: str, path: str) -> HeadModule:
-    config = _read_json(model_name, _join(path, "config.json")) or {}
+    config = read_json(model_name, _join(path, "config.json")) or {}
     where = f"{model_name}/{path or '.'}"
     if config.get("module_input_name", "sentence_embedding") != "sentence_embedding" or \
             config.get("module_output_name") not in (None, "sentence_embedding"):
@@ -166,7 +167,7 @@ def _read_transformer(model_name: str, path: str) -> dict[str, Any]:
     """The Transformer module's ``sentence_bert_config.json`` (or an older name), checked."""
     config: dict[str, Any] = {}
     for filename in _TRANSFORMER_CONFIG_FILES:
-        found = _read_json(model_name, _join(path, filename))
+        found = read_json(model_name, _join(path, filename))
         if found is not None:
             config = found
             break
@@ -197,7 +198,7 @@ def read_sentence_folder(model_name: str | Path) -> SentenceFolder:
     model_name = str(model_name)
     if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
         raise UnsupportedModelError(f"{model_name}: no such folder")
-    modules = _read_json(model_name, "modules.json")
+    modules = read_json(model_name, "modules.json")
     if modules is None:
         return SentenceFolder(model_name=model_name, transformer_path=model_name,
                               model_class=_encoder_only_class(model_name, model_name))
@@ -218,7 +219,7 @@ def read_sentence_folder(model_name: str | Path) -> SentenceFolder:
     modes, include_prompt = _read_pooling(model_name, str(modules[1].get("path", "")))
     head = tuple(_read_head_module(model_name, kind, str(entry.get("path", "")))
                  for kind, entry in zip(kinds[2:], modules[2:]) if kind != "Dropout")
-    settings = _read_json(model_name, "config_sentence_transformers.json") or {}
+    settings = read_json(model_name, "config_sentence_transformers.json") or {}
     model_type = settings.get("model_type", "SentenceTransformer")
     if model_type != "SentenceTransformer":
         raise UnsupportedModelError(f"{model_name}: a {model_type} model, not a SentenceTransformer "
@@ -248,7 +249,7 @@ def read_sentence_folder(model_name: str | Path) -> SentenceFolder:
 
 def _encoder_only_class(model_name: str, transformer_path: str) -> str | None:
     """``T5EncoderModel`` (and its kin) for encoder-decoder models, as sentence-transformers loads them."""
-    config = _read_json(transformer_path, "config.json")
+    config = read_json(transformer_path, "config.json")
     if not isinstance(config, dict):
         raise UnsupportedModelError(f"{model_name}: no config.json for the transformer in {transformer_path}")
     return ENCODER_ONLY_CLASSES.get(config.get("model_type", ""))

@@ -1,0 +1,526 @@
+"""Rerankers: a sentence-transformers ``CrossEncoder`` folder scored in plain torch, long documents in windows.
+
+``read_cross_encoder_folder`` reads a folder as sentence-transformers 6 reads it: a plain
+``transformers`` ``*ForSequenceClassification`` folder, or one saved by sentence-transformers
+(``modules.json`` with its one Transformer module, ``config_sentence_transformers.json`` with
+``model_type: CrossEncoder``, the activation and the prompts). The activation is
+sentence-transformers' choice: the folder's (``config_sentence_transformers.json``, else
+``config.json``'s ``sentence_transformers.activation_fn``, else the older
+``sbert_ce_default_activation_function``), else sigmoid for one label and identity for more.
+Only the torch activations of ``ACTIVATIONS`` are honoured: nothing named in a folder is ever
+imported. Whatever a folder asks for that cannot be reproduced is an ``UnsupportedModelError``
+(a ``ValueError``) naming the module and the folder.
+
+``CrossEncoderScorer`` scores (query, document) pairs: a pair that fits in ``max_length``
+exactly as ``CrossEncoder.predict`` scores it (the same tokenizer call); with ``truncate`` a
+longer pair is cut as ``CrossEncoder.predict`` cuts it; without, the document is read in
+windows beside the whole query (``embedder.pair_windows``) and scored by its best window.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+
+from embedder.batching import plan_sub_batches
+from embedder.cache import get_tokenizer
+from embedder.chunking import TooManyChunksError
+from embedder.devices import choose_dtype, host_to_device, resolve_device
+from embedder.lengths import resolve_max_length
+from embedder.pair_windows import (Aggregate, aggregate_windows, check_aggregate, check_overlap, default_overlap,
+                                   window_budget, window_spans)
+from embedder.sentence_folder import UnsupportedModelError, read_json, resolve_prompt
+
+logger = logging.getLogger(__name__)
+
+#: The activations a folder may name, by every dotted path sentence-transformers resolves to them.
+_ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {"Identity": nn.Identity, "Sigmoid": nn.Sigmoid,
+                                                   "Tanh": nn.Tanh, "Softmax": nn.Softmax}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    f"{module.__name__}.{name}": cls
+    for module in (torch.nn, torch.nn.modules, torch.nn.modules.activation, torch.nn.modules.linear)
+    for name, cls in _ACTIVATION_CLASSES.items() if getattr(module, name, None) is cls
+}
+#: What sentence-transformers falls back to: sigmoid for one label, identity for more.
+SIGMOID = "torch.nn.modules.activation.Sigmoid"
+IDENTITY = "torch.nn.modules.linear.Identity"
+#: The Transformer module of a cross-encoder: sequence classification, text in, logits out as scores.
+CROSS_ENCODER_TASK = "sequence-classification"
+_TEXT_LOGITS = {"text": {"method": "forward", "method_output_name": "logits"}}
+_TRANSFORMER_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json",
+                             "sentence_distilbert_config.json", "sentence_camembert_config.json",
+                             "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+                             "sentence_xlnet_config.json")
+#: Loading arguments sentence-transformers adds or strips itself (the hub's, not the model's).
+_HUB_KWARGS = frozenset({"trust_remote_code", "token", "revision", "local_files_only", "cache_dir", "subfolder"})
+#: Model loading arguments a folder may set: passed on, or (the dtype: the caller's choice) left out.
+_PASSED_MODEL_KWARGS = frozenset({"attn_implementation"})
+_IGNORED_MODEL_KWARGS = frozenset({"dtype", "torch_dtype"})
+#: Transformer settings read or checked here, or that change nothing ``predict`` computes.
+_KNOWN_TRANSFORMER_KEYS = frozenset({"unpad_inputs", "query_length", "document_length", "backend",
+                                       "cache_dir", "transformer_task", "modality_config", "module_output_name",
+                                       "max_seq_length", "do_lower_case", "processing_kwargs", "query_expansion",
+                                       "model_kwargs", "model_args", "processor_kwargs", "tokenizer_args",
+                                       "config_kwargs", "config_args"})
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class CrossEncoderFolder:
+    """What a reranker folder asks of scoring.
+
+    transformer_path: where the classifier and its tokenizer are.
+    activation / activation_source: the dotted path of the activation on the logits, and where
+        it was found (a file and key, or sentence-transformers' default).
+    max_seq_length: the length the folder sets (the Transformer module's tokenizer
+        ``model_max_length`` or ``max_seq_length``), if any.
+    prompts / default_prompt_name: from ``config_sentence_transformers.json``.
+    processor_kwargs / config_kwargs / model_kwargs: the Transformer module's arguments.
+    keep_in_fp32_modules: linear layers sentence-transformers computes in fp32.
+    is_sentence_transformers: False for a plain ``transformers`` folder.
+    """
+
+    model_name: str
+    transformer_path: str
+    config: PretrainedConfig
+    activation: str
+    activation_source: str
+    max_seq_length: int | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    config_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    keep_in_fp32_modules: tuple[str, ...] = ()
+    is_sentence_transformers: bool = False
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.config.num_labels)
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """One pair's score and where in the document it comes from.
+
+    score: a float for a one-label model, ``[labels]`` scores for more.
+    start / end: the character span ``[start, end)`` of the document that was scored (the window
+        the score comes from; the whole document when it fit; the kept part when truncated; the
+        span of all windows for ``aggregate="mean"``).
+    windows: how many windows the document was read in (1 when it fit or was truncated).
+    """
+
+    score: float | np.ndarray
+    start: int
+    end: int
+    windows: int
+
+
+def resolve_activation(path: Any, where: str) -> str:
+    """``path`` when it names one of ``ACTIVATIONS``; ``UnsupportedModelError`` naming ``where`` and
+    the value otherwise (never imported: a folder's string is only looked up)."""
+    if path not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{where}: the activation {path!r} is not supported by embedding-cluster, so the scores cannot be "
+            f"reproduced; supported: {', '.join(sorted(ACTIVATIONS))}")
+    return path
+
+
+def make_activation(path: str) -> nn.Module:
+    """The activation module of one of ``ACTIVATIONS`` (a softmax over the labels)."""
+    activation = ACTIVATIONS[path]
+    return activation(dim=-1) if activation is nn.Softmax else activation()
+
+
+def _folder_activation(model_name: str, settings: dict, config_json: dict, num_labels: int) -> tuple[str, str]:
+    """The activation sentence-transformers 6 picks for a folder, and where it found it."""
+    if settings.get("activation_fn") is not None:
+        where = f"{model_name}/config_sentence_transformers.json activation_fn"
+        return resolve_activation(settings["activation_fn"], where), where
+    saved = config_json.get("sentence_transformers")
+    if isinstance(saved, dict) and "activation_fn" in saved and saved["activation_fn"] is not None:
+        where = f"{model_name}/config.json sentence_transformers.activation_fn"
+        return resolve_activation(saved["activation_fn"], where), where
+    if config_json.get("sbert_ce_default_activation_function") is not None:
+        where = f"{model_name}/config.json sbert_ce_default_activation_function"
+        return resolve_activation(config_json["sbert_ce_default_activation_function"], where), where
+    return (SIGMOID, "the default for one label") if num_labels == 1 else (IDENTITY, "the default for several labels")
+
+
+def _module_kwargs(transformer: dict, new: str, old: str) -> dict[str, Any]:
+    kwargs = transformer.get(new, transformer.get(old)) or {}
+    return {key: value for key, value in kwargs.items() if key not in _HUB_KWARGS}
+
+
+def _read_transformer(model_name: str, modules: Any) -> tuple[str, dict[str, Any]]:
+    """The one Transformer module of a saved CrossEncoder: its folder and its checked config."""
+    if not isinstance(modules, list) or not modules:
+        raise UnsupportedModelError(f"{model_name}: modules.json lists no modules")
+    for number, entry in enumerate(modules):
+        kind = str(entry.get("type", "")) if isinstance(entry, dict) else repr(entry)
+        if number > 0 or not kind.startswith("sentence_transformers.") or kind.rsplit(".", 1)[-1] != "Transformer":
+            raise UnsupportedModelError(
+                f"{model_name}: module {kind!r} (modules.json entry {number}) is not supported by "
+                f"embedding-cluster for a CrossEncoder, so its scores cannot be reproduced; a reranker must be "
+                f"exactly one sentence_transformers Transformer module")
+    path = str(modules[0].get("path", ""))
+    config: dict[str, Any] = {}
+    for filename in _TRANSFORMER_CONFIG_FILES:
+        found = read_json(model_name, "/".join(p for p in (path.strip("/"), filename) if p))
+        if found is not None:
+            config = found
+            break
+    where = f"{model_name}/{path or '.'} (Transformer module)"
+    task = config.get("transformer_task", "feature-extraction")
+    if task != CROSS_ENCODER_TASK:
+        raise UnsupportedModelError(f"{where}: transformer_task {task!r} is not a sequence-classification "
+                                    "reranker (LLM rerankers with LogitScore are not supported)")
+    if config.get("modality_config", _TEXT_LOGITS) != _TEXT_LOGITS \
+            or config.get("module_output_name", "scores") != "scores":
+        raise UnsupportedModelError(f"{where}: modality_config {config.get('modality_config')!r} / "
+                                    f"module_output_name {config.get('module_output_name')!r}: only plain text "
+                                    "in and logits out as scores are supported")
+    for key in ("processing_kwargs", "query_expansion", "do_lower_case"):
+        if config.get(key):
+            raise UnsupportedModelError(f"{where}: {key} {config[key]!r} is not supported")
+    unknown = set(config) - _KNOWN_TRANSFORMER_KEYS
+    if unknown:
+        logger.info("%s: ignoring Transformer settings %s", where, sorted(unknown))
+    return path, config
+
+
+def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
+    """What ``CrossEncoder(model_name)`` builds, as data; ``UnsupportedModelError`` for anything
+    that cannot be reproduced exactly."""
+    model_name = str(model_name)
+    if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
+        raise UnsupportedModelError(f"{model_name}: no such folder")
+    modules = read_json(model_name, "modules.json")
+    settings: dict[str, Any] = {}
+    transformer: dict[str, Any] = {}
+    transformer_path = model_name
+    if modules is not None:
+        settings = read_json(model_name, "config_sentence_transformers.json") or {}
+        model_type = settings.get("model_type", "SentenceTransformer")
+        if model_type != "CrossEncoder":
+            raise UnsupportedModelError(f"{model_name}: a {model_type} model, not a CrossEncoder "
+                                        "(sentence-transformers would put an untrained classifier on it)")
+        path, transformer = _read_transformer(model_name, modules)
+        transformer_path = str(Path(model_name) / path) if path else model_name
+    config_kwargs = _module_kwargs(transformer, "config_kwargs", "config_args")
+    model_kwargs = _module_kwargs(transformer, "model_kwargs", "model_args")
+    processor_kwargs = _module_kwargs(transformer, "processor_kwargs", "tokenizer_args")
+    unsupported = set(model_kwargs) - _PASSED_MODEL_KWARGS - _IGNORED_MODEL_KWARGS
+    if unsupported:
+        raise UnsupportedModelError(f"{model_name}: model_kwargs {sorted(unsupported)} of the Transformer module "
+                                    "are not supported")
+    config_json = read_json(transformer_path, "config.json")
+    if not isinstance(config_json, dict):
+        raise UnsupportedModelError(f"{model_name}: no config.json for the classifier in {transformer_path}")
+    architectures = config_json.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise UnsupportedModelError(f"{model_name}: architectures {architectures} hold no *ForSequenceClassification "
+                                    "model, so sentence-transformers would score with an untrained classifier "
+                                    "(or an LLM's yes/no logits, which are not supported)")
+    config = AutoConfig.from_pretrained(transformer_path, **config_kwargs)
+    activation, source = _folder_activation(model_name, settings, config_json, int(config.num_labels))
+    prompts = {key: value for key, value in (settings.get("prompts") or {}).items() if value is not None}
+    default_prompt_name = settings.get("default_prompt_name")
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise UnsupportedModelError(f"{model_name}: default_prompt_name {default_prompt_name!r} is not one of its "
+                                    f"prompts {sorted(prompts)}")
+    max_seq_length = processor_kwargs.get("model_max_length", transformer.get("max_seq_length"))
+    return CrossEncoderFolder(
+        model_name=model_name,
+        transformer_path=transformer_path,
+        config=config,
+        activation=activation,
+        activation_source=source,
+        max_seq_length=None if max_seq_length is None else int(max_seq_length),
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        processor_kwargs={k: v for k, v in processor_kwargs.items() if k != "model_max_length"},
+        config_kwargs=config_kwargs,
+        model_kwargs={k: v for k, v in model_kwargs.items() if k in _PASSED_MODEL_KWARGS},
+        keep_in_fp32_modules=tuple(settings.get("keep_in_fp32_modules") or ()),
+        is_sentence_transformers=modules is not None,
+    )
+
+
+@dataclass
+class _Segments:
+    """What goes through the model: one (query, document text) pair per window, and its pair."""
+
+    queries: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+
+    def add(self, owner: int, query: str, document: str, span: tuple[int, int], truncated: bool = False) -> None:
+        self.owners.append(owner)
+        self.queries.append(query)
+        self.texts.append(document[span[0]:span[1]])
+        self.spans.append(span)
+        self.truncated.append(truncated)
+
+
+class CrossEncoderScorer:
+    """A reranker folder scoring (query, document) pairs as ``CrossEncoder(folder).predict`` does.
+
+    ``max_length`` overrides the folder's length (as ``CrossEncoder(folder, max_length=...)``);
+    ``dtype`` defaults to float32 (``"auto"``: the fastest on the device); ``device`` to CUDA
+    when there is one. Forward passes hold at most ``max_batch_tokens`` tokens, padding included.
+    """
+
+    def __init__(self, folder: str | Path, max_length: int | None = None, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> None:
+        self.folder = read_cross_encoder_folder(folder)
+        self.device = resolve_device(device)
+        self.dtype = torch.float32 if dtype is None else choose_dtype(dtype, self.device)
+        name = self.folder.model_name
+        if self.folder.keep_in_fp32_modules and self.dtype != torch.float32:
+            raise UnsupportedModelError(f"{name}: keep_in_fp32_modules {list(self.folder.keep_in_fp32_modules)} "
+                                        f"cannot be honoured in {self.dtype} (load it in float32)")
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer, not {max_length!r}")
+        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
+        self.max_batch_tokens = max_batch_tokens
+        self.tokenizer = get_tokenizer(self.folder.transformer_path, **self.folder.processor_kwargs)
+        if not self.tokenizer.is_fast:
+            raise UnsupportedModelError(f"{name}: windows need a fast tokenizer (for character offsets)")
+        if not self.folder.is_sentence_transformers and getattr(self.tokenizer, "chat_template", None):
+            raise UnsupportedModelError(f"{name}: its tokenizer has a chat template, which sentence-transformers "
+                                        "would render pairs with; chat-template rerankers are not supported")
+        self.max_length = resolve_max_length(max_length, model_name=name, max_seq_length=self.folder.max_seq_length,
+                                             tokenizer=self.tokenizer, config=self.folder.config)
+        self.num_special = self.tokenizer.num_special_tokens_to_add(pair=True)
+        if self.max_length <= self.num_special + 1:
+            raise ValueError(f"{name}: max_length {self.max_length} leaves no room beside the pair's "
+                             f"{self.num_special} special tokens")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            self.folder.transformer_path, config=self.folder.config, dtype=self.dtype, **self.folder.model_kwargs)
+        self.model.to(self.device).eval()
+        self.activation = make_activation(self.folder.activation)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        parameters = inspect.signature(self.model.forward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        self._inputs = tuple(key for key in self.tokenizer.model_input_names if takes_any or key in parameters)
+        logger.info("Loaded reranker %s: %d label(s), activation %s (%s), max_length %d, %s on %s", name,
+                    self.num_labels, self.folder.activation, self.folder.activation_source, self.max_length,
+                    str(self.dtype).removeprefix("torch."), self.device)
+
+    @property
+    def num_labels(self) -> int:
+        return self.folder.num_labels
+
+    def predict(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32, activate: bool = True,
+                truncate: bool = False, *, apply_softmax: bool = False, aggregate: Aggregate = "max",
+                window_overlap: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+                max_windows: int | None = None) -> np.ndarray:
+        """``[n]`` scores for a one-label model, ``[n, labels]`` for more, as ``CrossEncoder.predict``
+        gives them; ``activate=False``: the raw logits (``activation_fn=Identity``). See ``score_pairs``."""
+        scores = self.score_pairs(pairs, batch_size=batch_size, activate=activate, truncate=truncate,
+                                  apply_softmax=apply_softmax, aggregate=aggregate, window_overlap=window_overlap,
+                                  prompt=prompt, prompt_name=prompt_name, max_windows=max_windows)
+        if not scores:
+            return np.zeros((0,) if self.num_labels == 1 else (0, self.num_labels), dtype=np.float32)
+        return np.stack([np.asarray(s.score, dtype=np.float32) for s in scores])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32, activate: bool = True,
+                    truncate: bool = False, apply_softmax: bool = False, aggregate: Aggregate = "max",
+                    window_overlap: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+                    max_windows: int | None = None) -> list[PairScore]:
+        """Each pair's ``PairScore``.
+
+        A pair that fits in ``max_length`` is scored as ``CrossEncoder.predict`` scores it. A longer
+        one is, with ``truncate``, cut as ``CrossEncoder.predict`` cuts it (``longest_first``);
+        without, its document is read in windows beside the whole query (``window_overlap``
+        wordpieces shared by consecutive windows, default a quarter of a window), and
+        ``aggregate`` makes its score: the best window's (``max``), the first's, or their
+        ``mean``. The folder's default prompt goes before each query, unless ``prompt`` or
+        ``prompt_name`` picks another. ``apply_softmax`` (several labels) as in
+        ``CrossEncoder.predict``. More than ``max_windows`` windows in all is a
+        ``TooManyChunksError``; an empty document is a ``ValueError``.
+        """
+        queries, documents = _split_pairs(pairs)
+        check_aggregate(aggregate)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if not queries:
+            return []
+        segments = self._plan(self._prompted(queries, prompt, prompt_name), documents, truncate, aggregate,
+                              window_overlap, max_windows)
+        scores, spans = self._score(segments, batch_size, activate, apply_softmax)
+        results: list[PairScore] = []
+        owners = np.asarray(segments.owners)
+        bounds = np.searchsorted(owners, np.arange(len(queries) + 1))
+        for owner in range(len(queries)):
+            first, last = int(bounds[owner]), int(bounds[owner + 1])
+            score, (start, end) = aggregate_windows(scores[first:last], spans[first:last], aggregate)
+            results.append(PairScore(score=float(score) if np.ndim(score) == 0 else np.asarray(score),
+                                     start=int(start), end=int(end), windows=last - first))
+        return results
+
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, *, return_documents: bool = False,
+             batch_size: int = 32, activate: bool = True, truncate: bool = False, aggregate: Aggregate = "max",
+             window_overlap: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+             max_windows: int | None = None) -> list[dict[str, Any]]:
+        """``CrossEncoder.rank``: ``{"corpus_id", "score"}`` per document (and ``"text"`` with
+        ``return_documents``), best first, the ``top_k`` first; plus the scored span's ``start`` and
+        ``end`` in the document. One-label models only, as in sentence-transformers."""
+        if self.num_labels != 1:
+            raise ValueError(f"{self.folder.model_name}: rank needs a one-label model, this one has "
+                             f"{self.num_labels} labels (use predict with pairs)")
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, not {type(query).__name__}")
+        if isinstance(documents, (str, bytes)):
+            raise TypeError("documents must be a list of strings, not a single string")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer or None, not {top_k!r}")
+        documents = list(documents)
+        scores = self.score_pairs([(query, document) for document in documents], batch_size=batch_size,
+                                  activate=activate, truncate=truncate, aggregate=aggregate,
+                                  window_overlap=window_overlap, prompt=prompt, prompt_name=prompt_name,
+                                  max_windows=max_windows)
+        results = []
+        for index, result in enumerate(scores):
+            entry: dict[str, Any] = {"corpus_id": index, "score": result.score, "start": result.start,
+                                     "end": result.end}
+            if return_documents:
+                entry["text"] = documents[index]
+            results.append(entry)
+        results.sort(key=lambda entry: entry["score"], reverse=True)
+        return results[:top_k]
+
+    def plan_windows(self, query: str, document: str, window_overlap: int | None = None,
+                     prompt: str | None = None, prompt_name: str | None = None) -> list[tuple[int, int]]:
+        """The character spans of the windows ``score_pairs`` reads a pair's document in (one span,
+        the whole document, when the pair fits)."""
+        queries, documents = _split_pairs([(query, document)])
+        segments = self._plan(self._prompted(queries, prompt, prompt_name), documents, truncate=False,
+                              aggregate="first", window_overlap=window_overlap, max_windows=None)
+        return list(segments.spans)
+
+    def _prompted(self, queries: list[str], prompt: str | None, prompt_name: str | None) -> list[str]:
+        """The queries behind the prompt a call asks for (the folder's default one unless told)."""
+        text_prompt = resolve_prompt(self.folder.prompts, self.folder.default_prompt_name, prompt_name, prompt)
+        return [text_prompt + query for query in queries] if text_prompt else queries
+
+    def _plan(self, queries: list[str], documents: list[str], truncate: bool, aggregate: str,
+              window_overlap: int | None, max_windows: int | None) -> _Segments:
+        """The segments to score, pair by pair: the whole pair when it fits or is truncated, else
+        one per window of its document."""
+        unique = list(dict.fromkeys(queries))
+        query_lengths = dict(zip(unique, (len(ids) for ids in self._pieces(unique)["input_ids"])))
+        encoded = self._pieces(documents, offsets=True)
+        segments = _Segments()
+        for index, (query, document) in enumerate(zip(queries, documents)):
+            num_pieces = len(encoded["input_ids"][index])
+            if num_pieces == 0:
+                raise ValueError(f"document {index} is empty (it holds no tokens)")
+            query_length = query_lengths[query]
+            fits = query_length + num_pieces + self.num_special <= self.max_length
+            if fits or truncate:
+                segments.add(index, query, document, (0, len(document)), truncated=not fits)
+                continue
+            if aggregate == "max" and self.num_labels > 1:
+                raise ValueError(f"document {index} needs windows, and the maximum over windows needs a one-label "
+                                 f"model (this one has {self.num_labels}): pass aggregate='mean' or 'first', or "
+                                 "truncate=True")
+            try:
+                budget = window_budget(self.max_length, self.num_special, query_length)
+            except ValueError as error:
+                raise ValueError(f"pair {index}: {error}") from None
+            overlap = default_overlap(budget) if window_overlap is None else window_overlap
+            check_overlap(overlap, budget)
+            remaining = None if max_windows is None else max_windows - len(segments.owners)
+            try:
+                spans = window_spans(encoded["offset_mapping"][index], encoded.word_ids(index), budget, overlap,
+                                     remaining)
+            except TooManyChunksError:
+                raise TooManyChunksError(max_windows) from None
+            for span in spans:
+                segments.add(index, query, document, span)
+        if max_windows is not None and len(segments.owners) > max_windows:
+            raise TooManyChunksError(max_windows)
+        return segments
+
+    def _pieces(self, texts: list[str], offsets: bool = False) -> Any:
+        return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                              return_token_type_ids=False, return_offsets_mapping=offsets, verbose=False)
+
+    def _score(self, segments: _Segments, batch_size: int, activate: bool,
+               apply_softmax: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Every segment's score (``[segments]`` or ``[segments, labels]``) and the span it read:
+        the pairs tokenized as ``CrossEncoder.predict`` tokenizes them, run in length-sorted
+        batches padded only to their longest."""
+        encoded = self.tokenizer(segments.queries, segments.texts, truncation="longest_first",
+                                 max_length=self.max_length, return_offsets_mapping=any(segments.truncated),
+                                 verbose=False)
+        spans = list(segments.spans)
+        for index in np.flatnonzero(segments.truncated):
+            kept = [encoded["offset_mapping"][index][p] for p, sequence in enumerate(encoded.sequence_ids(index))
+                    if sequence == 1]
+            start = segments.spans[index][0]
+            spans[index] = (start + min(s for s, _ in kept), start + max(e for _, e in kept)) if kept \
+                else (start, start)
+        lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
+        logits = np.empty((len(lengths), self.num_labels), dtype=np.float32)
+        with torch.inference_mode():
+            for group in plan_sub_batches(lengths, self.max_batch_tokens):
+                for start in range(0, len(group), batch_size):
+                    rows = group[start:start + batch_size]
+                    output = self.model(**self._padded(encoded, rows, int(lengths[rows].max())))
+                    logits[rows] = output.logits.float().cpu().numpy()
+        scores = torch.from_numpy(logits)
+        if activate:
+            scores = self.activation(scores)
+        if self.num_labels == 1:
+            scores = scores.squeeze(-1)
+        elif apply_softmax:
+            scores = torch.softmax(scores, dim=1)
+        return scores.numpy(), spans
+
+    def _padded(self, encoded: Any, rows: np.ndarray, width: int) -> dict[str, torch.Tensor]:
+        """The model inputs of ``rows``, padded to ``width`` on the tokenizer's padding side."""
+        pads = {"input_ids": self.pad_token_id, "token_type_ids": self.tokenizer.pad_token_type_id,
+                "attention_mask": 0}
+        left = self.tokenizer.padding_side == "left"
+        batch = {}
+        for key in self._inputs:
+            if key == "attention_mask":
+                values = [[1] * len(encoded["input_ids"][row]) for row in rows]
+            elif key in encoded:
+                values = [encoded[key][row] for row in rows]
+            else:
+                continue
+            array = np.full((len(rows), width), pads.get(key, 0), dtype=np.int64)
+            for line, value in enumerate(values):
+                if left:
+                    array[line, width - len(value):] = value
+                else:
+                    array[line, :len(value)] = value
+            batch[key] = host_to_device(array, self.device)
+        return batch
+
+
+def _split_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The queries and the documents of ``pairs``, checked to be pairs of strings."""
+    if isinstance(pairs, (str, bytes)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise TypeError("pairs must be a list of (query, document) pairs")
+    for index, pair in enumerate(pairs):
+        if not all(isinstance(text, str) for text in pair):
+            raise TypeError(f"pairs[{index}] must hold two strings, not {[type(t).__name__ for t in pair]}")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
