@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def st_folders(tmp_path_factory, minilm_path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_bert_path(tmp_path_factory, minilm_path) -> str:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
+
+
+@pytest.fixture
+def fp16_bert(tmp_path, tiny_bert_path) -> str:
+    """The tiny BERT (and its tokenizer) saved in float16: weights and config.json alike."""
+    from transformers import BertModel
+
+    folder = tmp_path / "fp16-bert"
+    shutil.copytree(tiny_bert_path, folder)
+    BertModel.from_pretrained(tiny_bert_path).half().save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

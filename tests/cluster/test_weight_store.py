@@ -5,7 +5,6 @@ users free their weights, and replicas Serve stops release their own hold, which
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Callable
 
@@ -215,21 +214,13 @@ def test_a_loader_that_fails_to_publish_lets_the_waiting_replicas_load_at_once(r
         ray.get(weight_store().release.remote("abandon-test/"))
 
 
-@pytest.fixture
-def fp16_folder(tmp_path, tiny_bert_path) -> str:
-    folder = tmp_path / "fp16"
-    shutil.copytree(tiny_bert_path, folder)
-    BertModel.from_pretrained(tiny_bert_path).half().save_pretrained(folder)
-    return str(folder)
-
-
-def test_the_serving_path_loads_the_configured_dtype(fp16_folder):
+def test_the_serving_path_loads_the_configured_dtype(fp16_bert):
     """A float16 checkpoint served as configured (``ModelConfig.dtype``), float32 matching plain transformers."""
-    encoder, _ = load_encoder(ModelConfig(name="m", model_name=fp16_folder, dtype="float32", device="cpu",
+    encoder, _ = load_encoder(ModelConfig(name="m", model_name=fp16_bert, dtype="float32", device="cpu",
                                           share_weights=False))
     assert encoder.embedder.dtype == torch.float32
-    assert cosine(encoder.encode(TEXTS), plain_mean(fp16_folder)).min() >= 0.99999
-    encoder, _ = load_encoder(ModelConfig(name="m", model_name=fp16_folder, dtype="bfloat16", device="cpu",
+    assert cosine(encoder.encode(TEXTS), plain_mean(fp16_bert)).min() >= 0.99999
+    encoder, _ = load_encoder(ModelConfig(name="m", model_name=fp16_bert, dtype="bfloat16", device="cpu",
                                           share_weights=False))
     assert encoder.embedder.dtype == torch.bfloat16
 

@@ -115,15 +115,6 @@ def test_torch_files_are_loaded_weights_only(tmp_path, tiny_bert_path):
         get_model(tiny_bert_path, override_weights_file=path, override_weights_strip_prefix="bert.")
 
 
-@pytest.fixture
-def fp16_bert(tmp_path, tiny_bert_path) -> str:
-    """The tiny BERT (and its tokenizer) saved in float16: weights and config.json alike."""
-    folder = tmp_path / "fp16-bert"
-    shutil.copytree(tiny_bert_path, folder)
-    BertModel.from_pretrained(tiny_bert_path).half().save_pretrained(folder)
-    return str(folder)
-
-
 TEXTS = ["a half precision checkpoint", "loads in full precision, as AllenNLP loads it"]
 
 
