@@ -35,12 +35,10 @@ from deployments.tokenizer import RequestFolder
 from deployments.schema import EmbedChunksRequest, EmbedRequest, EmbedTokensRequest, TokenizeRequest
 from deployments.validation import (
     check_chunk_options,
-    check_direction,
     check_pairs,
     check_pooling,
     check_texts,
     check_token_ids,
-    check_token_options,
     check_words,
     parse_request,
     truncate_dimensions,
@@ -171,12 +169,8 @@ class EmbeddingPipeline:
                 timings[stage] = timings.get(stage, 0.0) + milliseconds
         return result
 
-    def _prompt(self, model: str, prompt_name: Any, prompt: Any) -> str | None:
+    def _prompt(self, model: str, prompt_name: str | None, prompt: str | None) -> str | None:
         """The prompt text a request asks for (the model's default prompt when it names none)."""
-        if prompt_name is not None and not isinstance(prompt_name, str):
-            raise BadRequestError(f"prompt_name must be a string, not {type(prompt_name).__name__}")
-        if prompt is not None and not isinstance(prompt, str):
-            raise BadRequestError(f"prompt must be a string, not {type(prompt).__name__}")
         try:
             return self._configs[model].prompt(prompt_name, prompt)
         except ValueError as error:
@@ -187,7 +181,7 @@ class EmbeddingPipeline:
         texts, words = request.inputs, request.words
         return FoldRequest(model=model, texts=None if texts is None else check_texts(texts, self._limits),
                            words=None if words is None else check_words(words, self._limits),
-                           truncate=request.truncate, truncation_direction=check_direction(request.truncation_direction),
+                           truncate=request.truncate, truncation_direction=request.truncation_direction,
                            prompt=self._prompt(model, request.prompt_name, request.prompt),
                            return_wordpieces=return_wordpieces)
 
@@ -218,7 +212,7 @@ class EmbeddingPipeline:
         name = self._model(model)
         if sum(x is not None for x in (texts, pairs, token_ids)) != 1:
             raise BadRequestError("give exactly one of texts, pairs or token ids")
-        fold = FoldRequest(model=name, truncate=truncate, truncation_direction=check_direction(truncation_direction),
+        fold = FoldRequest(model=name, truncate=truncate, truncation_direction=truncation_direction,
                            prompt=None if token_ids is not None else self._prompt(name, prompt_name, prompt),
                            texts=None if texts is None else check_texts(texts, self._limits),
                            pairs=None if pairs is None else check_pairs(pairs, self._limits),
@@ -234,7 +228,6 @@ class EmbeddingPipeline:
                                     route: str) -> tuple[list[np.ndarray], list[list[str]]]:
         """Per input: ``[tokens, dim]`` vectors and the tokens (wordpieces, or the words)."""
         name = self._model(request.model)
-        check_token_options(request.level, request.sub_token_mode, request.words)
         fold = self._texts_or_words(name, request, return_wordpieces=request.level == "wordpiece")
         result = await self._encode(fold, EncodeOptions(level=request.level, sub_token_mode=request.sub_token_mode),
                                     route)

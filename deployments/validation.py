@@ -12,11 +12,8 @@ from pydantic import BaseModel, ValidationError
 from deployments.errors import BadRequestError, PayloadTooLargeError
 from deployments.settings import LimitsSettings
 from embedder.chunking import check_chunking
-from embedder.indexer import TRUNCATION_DIRECTIONS
 from embedder.sentence_pooling import check_pooling_modes
-from embedder.word_pooling import SUB_TOKEN_MODES
 
-TOKEN_LEVELS = ("wordpiece", "word")
 Request = TypeVar("Request", bound=BaseModel)
 
 
@@ -119,12 +116,6 @@ def check_pairs(value: Any, limits: LimitsSettings) -> list[tuple[str, str]]:
     return list(zip(firsts, seconds))
 
 
-def check_direction(value: Any) -> str | None:
-    if value is not None and value not in TRUNCATION_DIRECTIONS:
-        raise BadRequestError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, not {value!r}")
-    return value
-
-
 def check_pooling(value: Any) -> tuple[str, ...] | None:
     """A pooling mode or a list of them, as a tuple (``None``: the model's)."""
     if value is None:
@@ -135,15 +126,6 @@ def check_pooling(value: Any) -> tuple[str, ...] | None:
         return check_pooling_modes(value)
     except ValueError as error:
         raise BadRequestError(str(error)) from None
-
-
-def check_token_options(level: Any, sub_token_mode: Any, words: Any) -> None:
-    if level not in TOKEN_LEVELS:
-        raise BadRequestError(f"level must be one of {TOKEN_LEVELS}, not {level!r}")
-    if sub_token_mode not in SUB_TOKEN_MODES:
-        raise BadRequestError(f"sub_token_mode must be one of {SUB_TOKEN_MODES}, not {sub_token_mode!r}")
-    if level == "word" and words is None:
-        raise BadRequestError("level 'word' needs pre-split words")
 
 
 def check_chunk_options(chunk_size: Any, chunk_overlap: Any, spans: Any, count: int,
