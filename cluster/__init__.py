@@ -1,6 +1,6 @@
 """The cluster: config, the Serve app, the Python client, the CLI."""
 
-from cluster.client import Chunk, EmbeddingClient
+from cluster.client import Chunk, EmbeddingClient, Ranked
 from cluster.config import ClusterConfig, ModelConfig, load_config
 from deployments.errors import (
     BadRequestError,
@@ -19,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "OverloadedError",
     "PayloadTooLargeError",
+    "Ranked",
     "UnknownModelError",
     "load_config",
 ]

@@ -13,6 +13,7 @@ from ray.serve.handle import DeploymentResponse
 
 from cluster.ray_connect import join_ray
 from deployments.errors import EmbeddingRequestError, cause_of
+from deployments.protocol import Ranked
 
 
 def _raise_cause(error: BaseException) -> None:
@@ -41,6 +42,11 @@ def _chunks(texts: str | list[str], answer: tuple[list[np.ndarray], list[np.ndar
     return [[Chunk(start, end, document[start:end], count, vector)
              for (start, end, count), vector in zip(table.tolist(), document_vectors)]
             for document, table, document_vectors in zip(documents, tables, vectors)]
+
+
+def _rerank_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A ``rerank`` call's arguments, as the handle method takes them."""
+    return {key: value for key, value in arguments.items() if key != "self"}
 
 
 class EmbeddingClient:
@@ -122,6 +128,21 @@ class EmbeddingClient:
             spans=spans, context=context, pooling=pooling, normalize=normalize, dimensions=dimensions,
             prompt_name=prompt_name, prompt=prompt)))
 
+    def rerank(self, query: str, documents: list[str], model: str | None = None, top_n: int | None = None,
+               aggregate: str = "max", truncate: bool = False, window_overlap: int | None = None,
+               raw_scores: bool = False, prompt_name: str | None = None, prompt: str | None = None) -> list[Ranked]:
+        """The documents best first (the ``top_n`` best), each a ``Ranked(index, score, start, end)``:
+        ``CrossEncoder.rank``'s scores for a reranker, a long document scored by its best window
+        (``aggregate``) and ``start``/``end`` the characters that scored; cosine for an embedding model."""
+        return self._result(self._call("rerank_documents", **_rerank_arguments(locals())))
+
+    def predict(self, inputs: str | list[str] | list[list[str]], model: str | None = None, raw_scores: bool = False,
+                truncate: bool = False) -> list[list[tuple[str, float]]]:
+        """Per input (a text, or a ``[text, text]`` pair; a list of exactly two strings is one pair,
+        as TEI reads it), each label with its score, best first."""
+        return self._result(self._call("predict_inputs", inputs=inputs, model=model, raw_scores=raw_scores,
+                                       truncate=truncate))
+
     def models(self) -> list[dict]:
         """The served models and their settings."""
         return self._result(self._call("list_models"))
@@ -163,6 +184,19 @@ class EmbeddingClient:
             "embed_document_chunks", texts=texts, model=model, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
             spans=spans, context=context, pooling=pooling, normalize=normalize, dimensions=dimensions,
             prompt_name=prompt_name, prompt=prompt)))
+
+    async def arerank(self, query: str, documents: list[str], model: str | None = None, top_n: int | None = None,
+                      aggregate: str = "max", truncate: bool = False, window_overlap: int | None = None,
+                      raw_scores: bool = False, prompt_name: str | None = None,
+                      prompt: str | None = None) -> list[Ranked]:
+        """``rerank``, awaitable."""
+        return await self._aresult(self._call("rerank_documents", **_rerank_arguments(locals())))
+
+    async def apredict(self, inputs: str | list[str] | list[list[str]], model: str | None = None,
+                       raw_scores: bool = False, truncate: bool = False) -> list[list[tuple[str, float]]]:
+        """``predict``, awaitable."""
+        return await self._aresult(self._call("predict_inputs", inputs=inputs, model=model, raw_scores=raw_scores,
+                                              truncate=truncate))
 
     async def amodels(self) -> list[dict]:
         return await self._aresult(self._call("list_models"))

@@ -1,36 +1,35 @@
-"""The encoder deployment: one per served model, batching folded inputs across requests."""
+"""The encoder deployment: one per served model, batching its requests across clients.
+
+What depends on the kind of model (embedding, reranker, classifier) is its head
+(``deployments.model_heads``); batching, threads, health and metrics are here.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import ray
 import torch
 from ray import serve
 
 from deployments.batcher import ContinuousBatcher, Queued
 from deployments.errors import BadRequestError, ModelLoadError
-from deployments.loading import concurrent_batches, load_encoder, release_replica_weights, replica_device
+from deployments.loading import concurrent_batches, release_replica_weights, replica_device
 from deployments.metrics import EncoderMetrics
-from deployments.protocol import EncodeOptions, EncodeResult
+from deployments.model_heads import HEADS, EmbeddingHead, EncodeItem, PairScoreHead
+from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest, ScoreResult
 from deployments.settings import ModelConfig
 from deployments.weight_store import weight_bytes
 from embedder.folded_batch import FoldedBatch
-from embedder.inference import EncodeStats, encode_folded
-from embedder.sentence_pooling import check_pooling_modes
-from embedder.transformer_embedder import check_type_ids
+from embedder.inference import EncodeStats
 
 logger = logging.getLogger(__name__)
 
-WARM_UP_TEXT = "warm up the encoder"
 #: A replica whose last batch succeeded this recently is healthy without a probe (no probe waits in a busy queue).
 HEALTHY_IF_ANSWERED_WITHIN_S = 10.0
 #: How long the health probe's one-text forward may take (Serve's own health check timeout is 30 s).
@@ -43,20 +42,12 @@ def batch_allowance_s(tokens: int, seconds_per_token: float, floor_s: float, fac
     return max(floor_s, factor * tokens * seconds_per_token)
 
 
-@dataclass(frozen=True)
-class _Request:
-    """One request's inputs and options, as queued for a batch."""
-
-    batch: FoldedBatch
-    options: EncodeOptions
-
-
 @serve.deployment(name="encoder")
 class Encoder:
-    """Runs one model. Requests are batched continuously (``deployments.batcher``) up to
-    ``max_batch_tokens`` tokens; each batch is encoded (length-sorted sub-batches,
-    unfolded, pooled) on a worker thread so that the replica keeps accepting
-    requests while the model runs."""
+    """Runs one model through the head of its kind. Requests are batched continuously
+    (``deployments.batcher``) up to ``max_batch_tokens`` tokens; each batch runs (length-sorted
+    sub-batches) on a worker thread so that the replica keeps accepting requests while the
+    model runs."""
 
     #: A running batch fails the health check past ``batch_allowance_s(tokens, ..., floor, factor)``.
     hung_batch_floor_s = 60.0
@@ -72,32 +63,30 @@ class Encoder:
         self._executor = ThreadPoolExecutor(max_workers=self._batches, thread_name_prefix=f"encode-{model.name}")
         threads = max(1, model.cpu_threads // self._batches)
         try:
-            self._encoder, self._weights_source = self._executor.submit(load_encoder, model, threads).result()
+            self._head: EmbeddingHead | PairScoreHead = self._executor.submit(HEADS[model.kind], model,
+                                                                              threads).result()
         except Exception as error:
             logger.exception("model %s (%s) could not be loaded", model.name, model.model_name)
             raise ModelLoadError(f"model {model.name!r} ({model.model_name}) could not be loaded: "
                                  f"{type(error).__name__}: {error}") from None
-        self._embedder, self._head = self._encoder.embedder, self._encoder.head
-        self._device = self._embedder.device
+        self._device = self._head.device
         self._metrics = EncoderMetrics(model.name)
-        self._batcher: ContinuousBatcher[_Request, EncodeResult] = ContinuousBatcher(
-            self._encode_batch, model.max_batch_tokens, model.batch_wait_timeout_s, concurrency=self._batches)
-        self._probe = self._encoder.indexer.fold([WARM_UP_TEXT])
+        self._batcher: ContinuousBatcher[Any, Any] = ContinuousBatcher(
+            self._run_batch, model.max_batch_tokens, model.batch_wait_timeout_s, concurrency=self._batches)
         #: the running batches' start times and tokens, and the slowest seconds per token seen
         self._running: dict[int, tuple[float, int]] = {}
         warm_up_started = time.monotonic()
         self._probe_digest = self._executor.submit(self._warm_up).result()
         self._last_success = time.monotonic()
-        self._seconds_per_token = (self._last_success - warm_up_started) / self._probe.num_tokens
+        self._seconds_per_token = (self._last_success - warm_up_started) / self._head.probe.weight
         self._ready_seconds = time.monotonic() - started
-        logger.info("encoder %s ready on %s (%s, %d batches at once, %d torch threads each) in %.2f s, weights "
-                    "from %s", model.name, self._device, self._embedder.dtype, self._batches, threads,
-                    self._ready_seconds, self._weights_source)
+        logger.info("%s %s ready on %s (%s, %d batches at once, %d torch threads each) in %.2f s, weights "
+                    "from %s", self._head.kind, model.name, self._device, self._head.dtype, self._batches, threads,
+                    self._ready_seconds, self._head.weights_source)
 
     def _warm_up(self) -> str:
         """Run the model once; the digest of its answer tells replicas' weights apart."""
-        vectors = encode_folded(self._embedder, self._probe, head=self._head)[0]
-        return hashlib.sha256(vectors.tobytes()).hexdigest()[:16]
+        return self._head.probe_digest(self._head.run([self._head.probe], EncodeStats())[0])
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica gracefully (scale-down, redeploy, ``serve.delete``,
@@ -110,12 +99,12 @@ class Encoder:
     def replica_info(self) -> dict:
         """This replica: where its weights came from, how long it took to be ready, its process, and
         whether it touched CUDA at all (a CPU replica on a GPU node must not)."""
-        weights, weights_in_shared_memory = weight_bytes(self._embedder.transformer_model)
+        weights, weights_in_shared_memory = weight_bytes(self._head.weights)
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
-            "weights_source": self._weights_source,
+            "weights_source": self._head.weights_source,
             "weight_bytes": weights,
             "weight_bytes_in_shared_memory": weights_in_shared_memory,
             "ready_seconds": self._ready_seconds,
@@ -128,25 +117,9 @@ class Encoder:
         }
 
     def info(self) -> dict:
-        """What ``GET /models`` shows about this model."""
-        config = self._embedder.config
-        settings = self._encoder.settings
-        return {
-            "model_name": self._config.model_name,
-            "dim": self._head.get_output_dim(),
-            "wordpiece_dim": self._embedder.get_output_dim(),
-            "dtype": str(self._embedder.dtype).removeprefix("torch."),
-            "device": str(self._device),
-            "max_length": settings.max_length,
-            "layers": int(config.num_hidden_layers),
-            "last_layer_only": self._config.last_layer_only,
-            "pooling": list(self._head.pooling_modes),
-            "include_prompt": self._head.include_prompt,
-            "normalize": self._head.normalizes,
-            "head": [type(layer).__name__ for layer in self._head.layers],
-            "prompts": settings.prompts,
-            "default_prompt_name": settings.default_prompt_name,
-        }
+        """What ``GET /models`` shows about this model: its head's settings, dtype and device."""
+        return {**self._head.info(), "dtype": str(self._head.dtype).removeprefix("torch."),
+                "device": str(self._device)}
 
     async def check_health(self) -> None:
         """Serve calls this every few seconds; raising gets the replica replaced. Unhealthy when a
@@ -165,44 +138,40 @@ class Encoder:
                                    "forward pass is hung")
         if self._batcher.batches_running or now - self._last_success < HEALTHY_IF_ANSWERED_WITHIN_S:
             return
-        result = await asyncio.wait_for(self._batcher.submit(_Request(self._probe, EncodeOptions()),
-                                                             weight=self._probe.num_tokens),
+        probe = self._head.probe
+        result = await asyncio.wait_for(self._batcher.submit(probe, weight=probe.weight),
                                         timeout=HEALTH_PROBE_TIMEOUT_S)
-        if not np.isfinite(result.vectors).all():
-            raise RuntimeError(f"model {self._config.name!r} answers non-finite vectors")
+        self._head.probe_digest(result)
 
-    def _validate(self, batch: FoldedBatch, options: EncodeOptions) -> None:
-        if options.level == "word" and not batch.has_words:
-            raise BadRequestError("level 'word' needs pre-split words")
-        if batch.num_segments and int(batch.segment_lengths.max()) > self._encoder.settings.max_length:
-            raise BadRequestError(f"a segment of {int(batch.segment_lengths.max())} wordpieces is longer than "
-                                  f"model {self._config.name!r} takes ({self._encoder.settings.max_length})")
-        if options.level == "chunk" and not batch.has_chunks:
-            raise BadRequestError("level 'chunk' needs documents folded for chunking")
-        if options.pooling is not None:
-            try:
-                self._head.output_dim_for(check_pooling_modes(options.pooling))
-            except ValueError as error:
-                raise BadRequestError(f"model {self._config.name!r}: {error}") from None
-        if batch.type_ids is not None:
-            try:
-                check_type_ids(torch.from_numpy(batch.type_ids), self._embedder.type_vocab_size)
-            except ValueError as error:
-                raise BadRequestError(f"model {self._config.name!r}: {error}") from None
+    def _check_kind(self, kinds: tuple[str, ...], call: str) -> None:
+        if self._head.kind not in kinds:
+            raise BadRequestError(f"model {self._config.name!r} is a {self._head.kind} model; {call} needs "
+                                  f"{' or '.join(kinds)} models")
 
     async def encode(self, batch: FoldedBatch, options: EncodeOptions) -> EncodeResult:
         """Encode one request's folded inputs (batched with other requests)."""
-        self._validate(batch, options)
-        return await self._batcher.submit(_Request(batch, options), weight=batch.num_tokens)
+        self._check_kind(("embedding",), "embedding")
+        item = EncodeItem(batch, options)
+        self._head.validate(item)
+        return await self._batcher.submit(item, weight=item.weight)
 
-    async def _encode_batch(self, queued: list[Queued[_Request]]) -> list[EncodeResult]:
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Score one request's pairs or texts (their segments batched with other requests')."""
+        self._check_kind(("reranker", "classifier"), "scoring")
+        item = await asyncio.to_thread(self._head.plan, request)
+        output = await self._batcher.submit(item, weight=item.weight)
+        scores = self._head.scorer.finish(item.plan, output.logits, activate=request.activate,
+                                          apply_softmax=request.apply_softmax, aggregate=request.aggregate)
+        return ScoreResult(scores=scores, num_tokens=item.plan.num_tokens, timings=output.timings)
+
+    async def _run_batch(self, queued: list[Queued]) -> list:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         tokens = sum(entry.weight for entry in queued)
         key = id(queued)
         self._running[key] = (started, tokens)
         try:
-            results = await loop.run_in_executor(self._executor, self._encode_items, [e.item for e in queued])
+            results = await loop.run_in_executor(self._executor, self._run_items, [e.item for e in queued])
         finally:
             del self._running[key]
         self._last_success = time.monotonic()
@@ -213,33 +182,14 @@ class Encoder:
             queue_ms = 1000 * (started - entry.enqueued)
             self._metrics.queue_wait.observe(queue_ms, tags=self._metrics.tags)
             result.timings = {"queue_ms": queue_ms, "inference_ms": inference_ms}
-            if entry.item.batch.tokenize_ms is not None:
-                result.timings["tokenization_ms"] = entry.item.batch.tokenize_ms
+            if entry.item.tokenize_ms is not None:
+                result.timings["tokenization_ms"] = entry.item.tokenize_ms
         return results
 
-    def _encode_items(self, items: list[_Request]) -> list[EncodeResult]:
-        """Encode a batch of requests; requests with the same options share one pass."""
-        groups: dict[EncodeOptions, list[int]] = defaultdict(list)
-        for index, item in enumerate(items):
-            groups[item.options].append(index)
-        results: list[EncodeResult | None] = [None] * len(items)
+    def _run_items(self, items: list) -> list:
+        """Run a batch of requests through the head (on a batch thread)."""
         stats = EncodeStats()
-        for options, indices in groups.items():
-            batches = [items[i].batch for i in indices]
-            vectors = encode_folded(
-                self._embedder,
-                batches,
-                level=options.level,
-                head=self._head,
-                pooling=options.pooling,
-                normalize=options.normalize,
-                sub_token_mode=options.sub_token_mode,
-                max_batch_tokens=self._config.max_batch_tokens,
-                stats=stats,
-            )
-            for i, batch, output in zip(indices, batches, vectors):
-                results[i] = EncodeResult(vectors=output, num_wordpieces=batch.num_wordpieces,
-                                          wordpieces=batch.wordpieces, chunks=batch.chunk_table())
+        results = self._head.run(items, stats)
         self._metrics.batch_tokens.observe(stats.real_tokens, tags=self._metrics.tags)
         self._metrics.padding_efficiency.set(stats.padding_efficiency, tags=self._metrics.tags)
         return results

@@ -1,4 +1,5 @@
-"""The HTTP ingress: the FastAPI routes (``@serve.ingress``) over the ``EmbeddingPipeline``.
+"""The HTTP ingress: the embedding routes here, the scoring routes (``deployments.rerank_routes``),
+over the ``ScoringPipeline`` (``@serve.ingress``).
 
 Errors and their JSON are ``deployments.http_errors``, the checks before a body
 is read ``deployments.guard``, request validation ``deployments.validation``,
@@ -11,19 +12,23 @@ No ``from __future__ import annotations`` here: FastAPI reads the routes' body t
 """
 
 import base64
-import functools
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
-from fastapi import FastAPI
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.guard import RequestGuard
-from deployments.http_errors import JSONBytesResponse, error_body, install_error_handlers
-from deployments.pipeline import EmbeddingPipeline, collect_timings, stop_timings
+from deployments.http_app import app, timed
+from deployments.http_errors import JSONBytesResponse, error_body
+from deployments.rerank_routes import cohere_rerank, tei_predict, tei_rerank
+from deployments.rerank_schema import (
+    CohereRerankRequest,
+    CohereRerankResponse,
+    Prediction,
+    PredictRequest,
+    RankedText,
+    RerankRequest,
+)
+from deployments.scoring_pipeline import ScoringPipeline
 from deployments.schema import (
     EmbedChunksRequest,
     EmbedChunksResponse,
@@ -31,7 +36,6 @@ from deployments.schema import (
     EmbedResponse,
     EmbedTokensRequest,
     EmbedTokensResponse,
-    ErrorResponse,
     HealthResponse,
     ModelCard,
     ModelsResponse,
@@ -43,41 +47,9 @@ from deployments.schema import (
 )
 from deployments.settings import ServingSettings
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 503)}
-
-app = FastAPI(
-    title="embedding-cluster",
-    description="Transformer embeddings with AllenNLP's embedder semantics, served by Ray Serve.",
-    version="0.1.0",
-    responses=ERROR_RESPONSES,
-)
-install_error_handlers(app)
-app.add_middleware(RequestGuard)
-
-
-def timed(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """Add TEI's timing headers to an embedding route's answer."""
-
-    @functools.wraps(route)
-    async def answer(*args: Any, **kwargs: Any) -> Response:
-        started = time.perf_counter()
-        timings, token = collect_timings()
-        try:
-            response = await route(*args, **kwargs)
-        finally:
-            stop_timings(token)
-        response.headers["x-total-time"] = f"{1000 * (time.perf_counter() - started):.2f}"
-        for stage in ("tokenization", "queue", "inference"):
-            if f"{stage}_ms" in timings:
-                response.headers[f"x-{stage}-time"] = f"{timings[f'{stage}_ms']:.2f}"
-        return response
-
-    return answer
-
-
 @serve.deployment(name="ingress")
 @serve.ingress(app)
-class Ingress(EmbeddingPipeline):
+class Ingress(ScoringPipeline):
     """The routes; the Python client calls the pipeline's methods through the app's handle."""
 
     def __init__(self, settings: ServingSettings, tokenizer: DeploymentHandle,
@@ -149,6 +121,33 @@ class Ingress(EmbeddingPipeline):
             for index, (text, table, document_vectors) in enumerate(zip(texts, tables, vectors))]
         return JSONBytesResponse({"object": "list", "model": name, "data": data,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.post("/rerank", response_model=list[RankedText], tags=["TEI"])
+    @timed
+    async def rerank(self, body: RerankRequest) -> Response:
+        """Every text scored against the query, best first (TEI's schema). A reranker reads a long
+        text in windows beside the whole query and scores it by its best (``aggregate``); ``window``
+        gives the characters that scored. An embedding model scores by cosine."""
+        return await tei_rerank(self, body)
+
+    @app.post("/v1/rerank", response_model=CohereRerankResponse, tags=["Cohere"])
+    @timed
+    async def rerank_v1(self, body: CohereRerankRequest) -> Response:
+        """Cohere's and Jina's rerank API: the ``top_n`` best documents."""
+        return await cohere_rerank(self, body, "v1_rerank")
+
+    @app.post("/v2/rerank", response_model=CohereRerankResponse, tags=["Cohere"])
+    @timed
+    async def rerank_v2(self, body: CohereRerankRequest) -> Response:
+        """Cohere's v2 rerank API, as ``cohere.ClientV2(base_url=...).rerank`` calls it."""
+        return await cohere_rerank(self, body, "v2_rerank")
+
+    @app.post("/predict", response_model=list[Prediction] | list[list[Prediction]], tags=["TEI"])
+    @timed
+    async def predict(self, body: PredictRequest) -> Response:
+        """Each label's score, best first (TEI's schema): the folder's activation, else a softmax over
+        several labels (a sigmoid for one); ``raw_scores`` gives the logits."""
+        return await tei_predict(self, body)
 
     @app.post("/tokenize", response_model=TokenizeResponse, tags=["native"])
     async def tokenize(self, body: TokenizeRequest) -> Response:

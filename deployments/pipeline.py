@@ -100,10 +100,15 @@ class EmbeddingPipeline:
 
     # --- the way through -------------------------------------------------------
 
-    def _model(self, model: str | None) -> str:
+    def _model(self, model: str | None, kinds: tuple[str, ...] = ("embedding",), route: str = "embedding") -> str:
+        """The served model a request names (the first one when it names none), if it is of one of
+        ``kinds``: 404 for a model not served, 400 naming its kind for one that cannot answer ``route``."""
         name = model or self._default_model
         if name not in self._encoders:
             raise UnknownModelError(f"no model named {name!r}; served: {sorted(self._encoders)}")
+        kind = self._configs[name].kind
+        if kind not in kinds:
+            raise BadRequestError(f"model {name!r} is a {kind} model; {route} needs {' or '.join(kinds)} models")
         return name
 
     async def _run(self, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -119,16 +124,17 @@ class EmbeddingPipeline:
                 raise
             raise mapped from None
 
-    async def _retrying(self, call: Callable[[], Awaitable[Any]], fold: FoldRequest) -> Any:
-        """``_run``, once more when a replica died mid-call and the request is small enough
-        (``limits.max_retried_chars``): embedding calls are idempotent, and Serve routes the second
-        try to a live replica, but a request that killed its replica by its size must not kill another."""
+    async def _retrying(self, call: Callable[[], Awaitable[Any]], cost: int) -> Any:
+        """``_run``, once more when a replica died mid-call and the request is small enough (``cost``
+        characters, at most ``limits.max_retried_chars``): model calls are idempotent, and Serve routes
+        the second try to a live replica, but a request that killed its replica by its size must not
+        kill another."""
         try:
             return await self._run(call)
         except ReplicaFailedError:
-            if fold.tokenizing_cost > self._limits.max_retried_chars:
+            if cost > self._limits.max_retried_chars:
                 logger.warning("a replica failed under a request of %d characters; not resending it "
-                               "(over max_retried_chars=%d)", fold.tokenizing_cost, self._limits.max_retried_chars)
+                               "(over max_retried_chars=%d)", cost, self._limits.max_retried_chars)
                 raise
             logger.warning("a replica failed mid-request; retrying once")
             return await self._run(call)
@@ -145,28 +151,36 @@ class EmbeddingPipeline:
         """The folded batch itself, here (small requests) or from the tokenizer deployment."""
         if self._tokenizes_here(fold):
             return self._folder.fold(fold)
-        return await self._retrying(lambda: self._tokenizer.fold.remote(fold), fold)
+        return await self._retrying(lambda: self._tokenizer.fold.remote(fold), fold.tokenizing_cost)
 
-    async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
+    async def _call_model(self, model: str, route: str, call: Callable[[], Awaitable[Any]], cost: int) -> Any:
+        """A model deployment call (``_retrying``), counted in the metrics, its stages' times added
+        to the request's timings."""
         started = time.monotonic()
-        tags = {"model": fold.model, "route": route}
+        tags = {"model": model, "route": route}
         status = "error"
         try:
-            result: EncodeResult = await self._retrying(
-                lambda: self._encoders[fold.model].encode.remote(self._fold(fold), options), fold)
+            result = await self._retrying(call, cost)
             status = "ok"
         except EmbeddingRequestError as error:
             status = str(error.status_code)
             raise
         finally:
             self._metrics.requests.inc(tags=tags | {"status": status})
-        self._metrics.inputs.inc(len(result.num_wordpieces), tags=tags)
-        self._metrics.wordpieces.inc(int(result.num_wordpieces.sum()), tags=tags)
         self._metrics.latency.observe(1000 * (time.monotonic() - started), tags=tags)
         timings = _timings.get()
         if timings is not None:
             for stage, milliseconds in result.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + milliseconds
+        return result
+
+    async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
+        result: EncodeResult = await self._call_model(
+            fold.model, route, lambda: self._encoders[fold.model].encode.remote(self._fold(fold), options),
+            fold.tokenizing_cost)
+        tags = {"model": fold.model, "route": route}
+        self._metrics.inputs.inc(len(result.num_wordpieces), tags=tags)
+        self._metrics.wordpieces.inc(int(result.num_wordpieces.sum()), tags=tags)
         return result
 
     def _prompt(self, model: str, prompt_name: str | None, prompt: str | None) -> str | None:

@@ -87,3 +87,60 @@ class EncodeResult:
     wordpieces: list[list[str]] | None = None
     chunks: list[np.ndarray] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What a reranker or classifier scores: exactly one of (query, document) pairs or single
+    texts, with the prompt text already chosen (``""``: none) and the request's limits.
+
+    truncate: cut long pairs as ``CrossEncoder.predict`` does, instead of reading the document
+        in windows (single texts: instead of refusing them).
+    aggregate / window_overlap: how a long document's windows make its score, and how many
+        wordpieces consecutive windows share (``None``: a quarter of a window).
+    windows: read a long pair's document in windows (False: such a pair is refused unless truncated).
+    activate: apply the folder's activation (False: the logits). apply_softmax: a softmax over
+        several labels after it.
+    max_windows / max_tokens: the request limits on segments scored and their tokens.
+    """
+
+    model: str
+    pairs: list[tuple[str, str]] | None = None
+    texts: list[str] | None = None
+    truncate: bool = False
+    aggregate: str = "max"
+    window_overlap: int | None = None
+    windows: bool = True
+    prompt: str = ""
+    activate: bool = True
+    apply_softmax: bool = False
+    max_windows: int | None = None
+    max_tokens: int | None = None
+
+    @property
+    def num_chars(self) -> int:
+        """Characters in all inputs: what planning the request costs."""
+        if self.pairs is not None:
+            return sum(len(a) + len(b) for a, b in self.pairs)
+        return sum(map(len, self.texts or ()))
+
+
+@dataclass
+class ScoreResult:
+    """The scorer's answer to one request: each input's ``PairScore`` (score, the character span
+    of the document that gave it, its windows), the tokens scored, and the stages' timings."""
+
+    scores: list
+    num_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One document of a reranking, best first: its position in the request, its score, and the
+    character span ``[start, end)`` of it that gave the score (the whole document when it fit)."""
+
+    index: int
+    score: float
+    start: int
+    end: int

@@ -221,23 +221,34 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(..., description="When the ingress started serving it (Unix seconds), as OpenAI's field.")
     owned_by: str = "embedding-cluster"
+    kind: Literal["embedding", "reranker", "classifier"] = Field(
+        ..., description="What the folder holds: an embedding model (/embed...), a reranker (/rerank, /predict) or a "
+                         "classifier (/predict).")
     model_name: str
-    dim: int = Field(..., description="The sentence vector's dimension (after any Dense module).")
-    wordpiece_dim: int = Field(..., description="The dimension of /embed_tokens vectors.")
     dtype: str = Field(..., description="The replicas' dtype, or 'mixed' (then see dtypes).")
     dtypes: list[str] = Field(default_factory=list, description="Every dtype the replicas asked answered (each "
                                                                  "decides on its own node: bf16 needs native support).")
     device: str = Field(..., description="cpu, cuda, or 'mixed' (then see devices).")
     devices: list[str] = Field(default_factory=list)
-    max_length: int = Field(..., description="Wordpieces per segment: longer inputs are folded (or truncated).")
+    max_length: int = Field(..., description="Tokens per segment: longer inputs are folded, read in windows, or "
+                                             "truncated.")
     layers: int
-    last_layer_only: bool
-    pooling: list[Pooling]
-    include_prompt: bool = Field(..., description="Whether prompt tokens count in the pooling.")
-    normalize: bool
-    head: list[str] = Field(..., description="The modules after pooling, in order (Dense, LayerNorm, Normalize).")
     prompts: dict[str, str]
     default_prompt_name: str | None
+    dim: int | None = Field(None, description="Embedding models: the sentence vector's dimension (after any Dense "
+                                              "module).")
+    wordpiece_dim: int | None = Field(None, description="Embedding models: the dimension of /embed_tokens vectors.")
+    last_layer_only: bool | None = None
+    pooling: list[Pooling] | None = None
+    include_prompt: bool | None = Field(None, description="Whether prompt tokens count in the pooling.")
+    normalize: bool | None = None
+    head: list[str] | None = Field(None, description="The modules after pooling, in order (Dense, LayerNorm, "
+                                                     "Normalize).")
+    labels: list[str] | None = Field(None, description="Rerankers and classifiers: the labels (config.json id2label).")
+    activation: str | None = Field(None, description="Rerankers and classifiers: the activation on the logits, as "
+                                                     "sentence-transformers' CrossEncoder applies it.")
+    activation_source: str | None = Field(None, description="Where the activation comes from (the folder's file and "
+                                                            "key, or sentence-transformers' default).")
     status: str | None = Field(None, description="The encoder deployment's status (HEALTHY, UPSCALING, "
                                                  "UNHEALTHY, ...), as serve.status() says.")
     status_message: str | None = None

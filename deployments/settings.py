@@ -7,12 +7,15 @@ the package chain runs one way (cluster -> deployments -> embedder);
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from ray.serve.config import AutoscalingConfig
 
+from embedder.cross_encoder import CrossEncoderSettings, resolve_cross_encoder
+from embedder.model_kind import ModelKind, read_model_kind
 from embedder.sentence_encoder import SentenceSettings, resolve_sentence_settings
 from embedder.sentence_folder import resolve_prompt
 from embedder.sentence_pooling import PoolingMode
@@ -109,6 +112,8 @@ class ModelConfig(ReplicaSettings):
                                                               "waits for others to batch with (under load, "
                                                               "batches form from what queued meanwhile).")
 
+    _kind: ModelKind | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _gpu_for_cuda(self) -> "ModelConfig":
         if self.device == "cuda" and self.num_gpus <= 0:
@@ -123,6 +128,17 @@ class ModelConfig(ReplicaSettings):
         """Torch threads of a CPU replica, all its batch threads together."""
         return self.torch_threads or max(1, int(round(self.num_cpus)))
 
+    @property
+    def kind(self) -> ModelKind:
+        """What the folder holds (``embedding``, ``reranker``, ``classifier``): read from it, never configured
+        (a resolved config carries it, so that processes on nodes without the folder know it too)."""
+        if self._kind is not None:
+            return self._kind
+        try:
+            return _folder_kind(self.model_name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model {self.name!r} cannot be served: {error}") from None
+
     def sentence_settings(self) -> SentenceSettings:
         """The model folder read and merged with this config's overrides (``ValueError`` naming the
         model for what cannot be served)."""
@@ -134,23 +150,60 @@ class ModelConfig(ReplicaSettings):
         except (OSError, ValueError) as error:
             raise ValueError(f"model {self.name!r} cannot be served: {error}") from None
 
+    def cross_encoder_settings(self) -> CrossEncoderSettings:
+        """A reranker or classifier folder read with this config's length; ``ValueError`` naming the
+        model for settings that only embedding models take (they would change nothing it scores)."""
+        embedding_only = {key: getattr(self, key) for key in _EMBEDDING_ONLY_FIELDS
+                          if getattr(self, key) != ModelConfig.model_fields[key].get_default(call_default_factory=True)}
+        if embedding_only:
+            raise ValueError(f"model {self.name!r} is a {self.kind} ({self.model_name}): "
+                             f"{', '.join(sorted(embedding_only))} only apply to embedding models; remove them")
+        try:
+            return resolve_cross_encoder(self.model_name, self.max_length)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model {self.name!r} cannot be served: {error}") from None
+
     def resolved(self) -> "ModelConfig":
         """This config with every setting its folder decides made explicit (length, pooling,
         normalization, prompts), so that every replica and ``GET /models`` agree on them."""
+        if self.kind != "embedding":
+            settings = self.cross_encoder_settings()
+            prompts = {**settings.folder.prompts, **(self.prompts or {})}
+            default = settings.folder.default_prompt_name if self.default_prompt_name is None \
+                else self.default_prompt_name
+            if default and default not in prompts:
+                raise ValueError(f"model {self.name!r}: default_prompt_name {default!r} is not one of its prompts "
+                                 f"{sorted(prompts)}")
+            resolved = self.model_copy(update={"max_length": settings.max_length, "prompts": prompts,
+                                               "default_prompt_name": default or ""})
+            resolved._kind = self.kind
+            return resolved
         settings = self.sentence_settings()
         pooling = settings.pooling_modes
-        return self.model_copy(update={
+        resolved = self.model_copy(update={
             "max_length": settings.max_length,
             "pooling": pooling[0] if len(pooling) == 1 else list(pooling),
             "normalize": settings.normalize,
             "prompts": settings.prompts,
             "default_prompt_name": settings.default_prompt_name or "",
         })
+        resolved._kind = "embedding"
+        return resolved
 
     def prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
         """The prompt text a request asks for, from a resolved config (``ValueError`` for an
         unknown name or for both fields)."""
         return resolve_prompt(self.prompts or {}, self.default_prompt_name or None, prompt_name, prompt)
+
+
+#: ModelConfig fields that change how an embedding model embeds, and nothing a cross-encoder scores.
+_EMBEDDING_ONLY_FIELDS = ("pooling", "normalize", "sub_module", "override_weights_file",
+                          "override_weights_strip_prefix", "tokenizer_kwargs", "transformer_kwargs", "last_layer_only")
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_kind(model_name: str) -> ModelKind:
+    return read_model_kind(model_name)
 
 
 class TokenizerSettings(ReplicaSettings):

@@ -22,11 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 class RequestFolder:
-    """Every served model's indexer (from the process-wide tokenizer cache) and the request limits."""
+    """Every served embedding model's indexer (from the process-wide tokenizer cache) and the request
+    limits (rerankers and classifiers tokenize in their own replicas)."""
 
     def __init__(self, models: list[ModelConfig], limits: LimitsSettings) -> None:
         self._limits = limits
-        self._indexers = {model.name: load_indexer(model) for model in models}
+        self._indexers = {model.name: load_indexer(model) for model in models if model.kind == "embedding"}
 
     def fold(self, request: FoldRequest) -> FoldedBatch:
         """The request's inputs tokenized and folded; 400/404/413 errors name the problem."""

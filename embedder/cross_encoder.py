@@ -36,8 +36,8 @@ from embedder.cache import get_tokenizer
 from embedder.chunking import TooManyChunksError
 from embedder.devices import choose_dtype, host_to_device, resolve_device
 from embedder.lengths import resolve_max_length
-from embedder.pair_windows import (Aggregate, aggregate_windows, check_aggregate, check_overlap, default_overlap,
-                                   window_budget, window_spans)
+from embedder.pair_windows import (Aggregate, InputTooLongError, aggregate_windows, check_aggregate, check_overlap,
+                                   default_overlap, window_budget, window_spans)
 from embedder.sentence_folder import UnsupportedModelError, read_json, resolve_prompt
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 #: What sentence-transformers falls back to: sigmoid for one label, identity for more.
 SIGMOID = "torch.nn.modules.activation.Sigmoid"
 IDENTITY = "torch.nn.modules.linear.Identity"
+_DEFAULT_FOR_ONE, _DEFAULT_FOR_MANY = "the default for one label", "the default for several labels"
 #: The Transformer module of a cross-encoder: sequence classification, text in, logits out as scores.
 CROSS_ENCODER_TASK = "sequence-classification"
 _TEXT_LOGITS = {"text": {"method": "forward", "method_output_name": "logits"}}
@@ -107,6 +108,11 @@ class CrossEncoderFolder:
     def num_labels(self) -> int:
         return int(self.config.num_labels)
 
+    @property
+    def activation_is_default(self) -> bool:
+        """Whether the folder names no activation (sentence-transformers' default applies)."""
+        return self.activation_source in (_DEFAULT_FOR_ONE, _DEFAULT_FOR_MANY)
+
 
 @dataclass(frozen=True)
 class PairScore:
@@ -153,7 +159,7 @@ def _folder_activation(model_name: str, settings: dict, config_json: dict, num_l
     if config_json.get("sbert_ce_default_activation_function") is not None:
         where = f"{model_name}/config.json sbert_ce_default_activation_function"
         return resolve_activation(config_json["sbert_ce_default_activation_function"], where), where
-    return (SIGMOID, "the default for one label") if num_labels == 1 else (IDENTITY, "the default for several labels")
+    return (SIGMOID, _DEFAULT_FOR_ONE) if num_labels == 1 else (IDENTITY, _DEFAULT_FOR_MANY)
 
 
 def _module_kwargs(transformer: dict, new: str, old: str) -> dict[str, Any]:
@@ -258,7 +264,7 @@ def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
 
 @dataclass
 class _Segments:
-    """What goes through the model: one (query, document text) pair per window, and its pair."""
+    """What goes through the model, before tokenizing: one (query, document text) pair per window."""
 
     queries: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -274,6 +280,70 @@ class _Segments:
         self.truncated.append(truncated)
 
 
+@dataclass(frozen=True)
+class ScoringPlan:
+    """A call's pairs, tokenized as ``CrossEncoder.predict`` tokenizes them: one model input per
+    segment (a whole pair, a truncated pair, or one window of a long document), ready to be run
+    in any batch, with other calls' segments too (``CrossEncoderScorer.logits``).
+
+    inputs: the model's token inputs (``input_ids``, ``token_type_ids``...), one list per segment.
+    owners: the pair each segment belongs to, ascending. spans: each segment's character span
+    of its document.
+    """
+
+    num_pairs: int
+    inputs: dict[str, list[list[int]]]
+    owners: np.ndarray
+    spans: list[tuple[int, int]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each segment's tokens, specials included."""
+        return np.array([len(ids) for ids in self.inputs["input_ids"]], dtype=np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.spans)
+
+
+@dataclass(frozen=True)
+class CrossEncoderSettings:
+    """A reranker folder with its tokenizer and the length pairs are scored at: all that decides
+    how pairs are cut and windowed, without the weights."""
+
+    folder: CrossEncoderFolder
+    tokenizer: Any
+    max_length: int
+    num_special: int
+
+
+def resolve_cross_encoder(folder: str | Path, max_length: int | None = None) -> CrossEncoderSettings:
+    """Read a reranker folder and decide its length (``max_length`` overrides the folder's, as
+    ``CrossEncoder(folder, max_length=...)``); ``UnsupportedModelError`` / ``ValueError`` for what
+    cannot be scored as sentence-transformers scores it."""
+    read = read_cross_encoder_folder(folder)
+    name = read.model_name
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                   or max_length < 1):
+        raise ValueError(f"max_length must be a positive integer, not {max_length!r}")
+    tokenizer = get_tokenizer(read.transformer_path, **read.processor_kwargs)
+    if not tokenizer.is_fast:
+        raise UnsupportedModelError(f"{name}: windows need a fast tokenizer (for character offsets)")
+    if not read.is_sentence_transformers and getattr(tokenizer, "chat_template", None):
+        raise UnsupportedModelError(f"{name}: its tokenizer has a chat template, which sentence-transformers "
+                                    "would render pairs with; chat-template rerankers are not supported")
+    length = resolve_max_length(max_length, model_name=name, max_seq_length=read.max_seq_length,
+                                tokenizer=tokenizer, config=read.config)
+    num_special = tokenizer.num_special_tokens_to_add(pair=True)
+    if length <= num_special + 1:
+        raise ValueError(f"{name}: max_length {length} leaves no room beside the pair's {num_special} special tokens")
+    return CrossEncoderSettings(read, tokenizer, length, num_special)
+
+
 class CrossEncoderScorer:
     """A reranker folder scoring (query, document) pairs as ``CrossEncoder(folder).predict`` does.
 
@@ -284,31 +354,18 @@ class CrossEncoderScorer:
 
     def __init__(self, folder: str | Path, max_length: int | None = None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> None:
-        self.folder = read_cross_encoder_folder(folder)
+        settings = resolve_cross_encoder(folder, max_length)
+        self.folder, self.tokenizer = settings.folder, settings.tokenizer
+        self.max_length, self.num_special = settings.max_length, settings.num_special
         self.device = resolve_device(device)
         self.dtype = torch.float32 if dtype is None else choose_dtype(dtype, self.device)
         name = self.folder.model_name
         if self.folder.keep_in_fp32_modules and self.dtype != torch.float32:
             raise UnsupportedModelError(f"{name}: keep_in_fp32_modules {list(self.folder.keep_in_fp32_modules)} "
                                         f"cannot be honoured in {self.dtype} (load it in float32)")
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
-                                       or max_length < 1):
-            raise ValueError(f"max_length must be a positive integer, not {max_length!r}")
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
         self.max_batch_tokens = max_batch_tokens
-        self.tokenizer = get_tokenizer(self.folder.transformer_path, **self.folder.processor_kwargs)
-        if not self.tokenizer.is_fast:
-            raise UnsupportedModelError(f"{name}: windows need a fast tokenizer (for character offsets)")
-        if not self.folder.is_sentence_transformers and getattr(self.tokenizer, "chat_template", None):
-            raise UnsupportedModelError(f"{name}: its tokenizer has a chat template, which sentence-transformers "
-                                        "would render pairs with; chat-template rerankers are not supported")
-        self.max_length = resolve_max_length(max_length, model_name=name, max_seq_length=self.folder.max_seq_length,
-                                             tokenizer=self.tokenizer, config=self.folder.config)
-        self.num_special = self.tokenizer.num_special_tokens_to_add(pair=True)
-        if self.max_length <= self.num_special + 1:
-            raise ValueError(f"{name}: max_length {self.max_length} leaves no room beside the pair's "
-                             f"{self.num_special} special tokens")
         self.model = AutoModelForSequenceClassification.from_pretrained(
             self.folder.transformer_path, config=self.folder.config, dtype=self.dtype, **self.folder.model_kwargs)
         self.model.to(self.device).eval()
@@ -354,21 +411,87 @@ class CrossEncoderScorer:
         ``CrossEncoder.predict``. More than ``max_windows`` windows in all is a
         ``TooManyChunksError``; an empty document is a ``ValueError``.
         """
+        check_batch_size(batch_size)
+        plan = self.plan(pairs, truncate=truncate, aggregate=aggregate, window_overlap=window_overlap,
+                         prompt=prompt, prompt_name=prompt_name, max_windows=max_windows)
+        return self.finish(plan, self.logits([plan], batch_size)[0], activate=activate, apply_softmax=apply_softmax,
+                           aggregate=aggregate)
+
+    def plan(self, pairs: Sequence[tuple[str, str]], *, truncate: bool = False, aggregate: Aggregate = "max",
+             window_overlap: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+             max_windows: int | None = None) -> ScoringPlan:
+        """The segments ``score_pairs`` runs for ``pairs``, tokenized (the same arguments)."""
         queries, documents = _split_pairs(pairs)
         check_aggregate(aggregate)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         if not queries:
-            return []
+            return ScoringPlan(0, {"input_ids": []}, np.zeros(0, dtype=np.int64), [])
         segments = self._plan(self._prompted(queries, prompt, prompt_name), documents, truncate, aggregate,
                               window_overlap, max_windows)
-        scores, spans = self._score(segments, batch_size, activate, apply_softmax)
+        return self._tokenized(segments, len(queries))
+
+    def plan_texts(self, texts: Sequence[str], *, truncate: bool = False) -> ScoringPlan:
+        """Single texts (a classifier's inputs), tokenized as ``CrossEncoder.predict`` tokenizes one
+        text; one longer than ``max_length`` is a ``ValueError`` unless ``truncate`` cuts it."""
+        if isinstance(texts, (str, bytes)) or not all(isinstance(text, str) for text in texts):
+            raise TypeError("texts must be a list of strings")
+        texts = list(texts)
+        if not texts:
+            return ScoringPlan(0, {"input_ids": []}, np.zeros(0, dtype=np.int64), [])
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
+                                 return_overflowing_tokens=False, verbose=False)
+        num_special = self.tokenizer.num_special_tokens_to_add(pair=False)
+        spans = []
+        for index, length in enumerate(len(ids) for ids in self._pieces(texts)["input_ids"]):
+            if length == 0:
+                raise ValueError(f"text {index} is empty (it holds no tokens)")
+            if length + num_special > self.max_length and not truncate:
+                raise InputTooLongError(f"text {index} has {length + num_special} tokens, more than max_length "
+                                 f"{self.max_length} (pass truncate=True to cut it)")
+            kept = [encoded["offset_mapping"][index][p] for p, sequence in enumerate(encoded.sequence_ids(index))
+                    if sequence == 0]
+            spans.append((min(s for s, _ in kept), max(e for _, e in kept)))
+        inputs = {key: encoded[key] for key in ("input_ids", *self._inputs)
+                  if key != "attention_mask" and key in encoded}
+        return ScoringPlan(len(texts), inputs, np.arange(len(texts), dtype=np.int64), spans)
+
+    def logits(self, plans: Sequence[ScoringPlan], batch_size: int | None = None) -> list[np.ndarray]:
+        """The classifier's logits ``[segments, labels]`` of each plan's segments, all plans'
+        segments run together in length-sorted batches of at most ``max_batch_tokens`` tokens
+        (padding included) and ``batch_size`` rows, each padded only to its longest."""
+        merged: dict[str, list[list[int]]] = {key: [] for key in plans[0].inputs} if plans else {}
+        for plan in plans:
+            for key in merged:
+                merged[key].extend(plan.inputs[key])
+        lengths = np.array([len(ids) for ids in merged.get("input_ids", [])], dtype=np.int64)
+        logits = np.empty((len(lengths), self.num_labels), dtype=np.float32)
+        if len(lengths):
+            with torch.inference_mode():
+                for group in plan_sub_batches(lengths, self.max_batch_tokens):
+                    step = batch_size or len(group)
+                    for start in range(0, len(group), step):
+                        rows = group[start:start + step]
+                        output = self.model(**self._padded(merged, rows, int(lengths[rows].max())))
+                        logits[rows] = output.logits.float().cpu().numpy()
+        bounds = np.cumsum([plan.num_segments for plan in plans])
+        return np.split(logits, bounds[:-1]) if plans else []
+
+    def finish(self, plan: ScoringPlan, logits: np.ndarray, *, activate: bool = True, apply_softmax: bool = False,
+               aggregate: Aggregate = "max") -> list[PairScore]:
+        """Each pair's ``PairScore`` from its plan and the logits of its segments: the folder's
+        activation (unless ``activate`` is False), then ``aggregate`` over a document's windows."""
+        scores = torch.from_numpy(logits)
+        if activate:
+            scores = self.activation(scores)
+        if self.num_labels == 1:
+            scores = scores.squeeze(-1)
+        elif apply_softmax:
+            scores = torch.softmax(scores, dim=1)
+        scores = scores.numpy()
+        bounds = np.searchsorted(plan.owners, np.arange(plan.num_pairs + 1))
         results: list[PairScore] = []
-        owners = np.asarray(segments.owners)
-        bounds = np.searchsorted(owners, np.arange(len(queries) + 1))
-        for owner in range(len(queries)):
+        for owner in range(plan.num_pairs):
             first, last = int(bounds[owner]), int(bounds[owner + 1])
-            score, (start, end) = aggregate_windows(scores[first:last], spans[first:last], aggregate)
+            score, (start, end) = aggregate_windows(scores[first:last], plan.spans[first:last], aggregate)
             results.append(PairScore(score=float(score) if np.ndim(score) == 0 else np.asarray(score),
                                      start=int(start), end=int(end), windows=last - first))
         return results
@@ -442,7 +565,7 @@ class CrossEncoderScorer:
             try:
                 budget = window_budget(self.max_length, self.num_special, query_length)
             except ValueError as error:
-                raise ValueError(f"pair {index}: {error}") from None
+                raise type(error)(f"pair {index}: {error}") from None
             overlap = default_overlap(budget) if window_overlap is None else window_overlap
             check_overlap(overlap, budget)
             remaining = None if max_windows is None else max_windows - len(segments.owners)
@@ -461,11 +584,9 @@ class CrossEncoderScorer:
         return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                               return_token_type_ids=False, return_offsets_mapping=offsets, verbose=False)
 
-    def _score(self, segments: _Segments, batch_size: int, activate: bool,
-               apply_softmax: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
-        """Every segment's score (``[segments]`` or ``[segments, labels]``) and the span it read:
-        the pairs tokenized as ``CrossEncoder.predict`` tokenizes them, run in length-sorted
-        batches padded only to their longest."""
+    def _tokenized(self, segments: _Segments, num_pairs: int) -> ScoringPlan:
+        """The segments tokenized as ``CrossEncoder.predict`` tokenizes pairs, with the character
+        span each kept of its document (the kept part of a truncated one)."""
         encoded = self.tokenizer(segments.queries, segments.texts, truncation="longest_first",
                                  max_length=self.max_length, return_offsets_mapping=any(segments.truncated),
                                  verbose=False)
@@ -476,24 +597,11 @@ class CrossEncoderScorer:
             start = segments.spans[index][0]
             spans[index] = (start + min(s for s, _ in kept), start + max(e for _, e in kept)) if kept \
                 else (start, start)
-        lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
-        logits = np.empty((len(lengths), self.num_labels), dtype=np.float32)
-        with torch.inference_mode():
-            for group in plan_sub_batches(lengths, self.max_batch_tokens):
-                for start in range(0, len(group), batch_size):
-                    rows = group[start:start + batch_size]
-                    output = self.model(**self._padded(encoded, rows, int(lengths[rows].max())))
-                    logits[rows] = output.logits.float().cpu().numpy()
-        scores = torch.from_numpy(logits)
-        if activate:
-            scores = self.activation(scores)
-        if self.num_labels == 1:
-            scores = scores.squeeze(-1)
-        elif apply_softmax:
-            scores = torch.softmax(scores, dim=1)
-        return scores.numpy(), spans
+        inputs = {key: encoded[key] for key in ("input_ids", *self._inputs)
+                  if key != "attention_mask" and key in encoded}
+        return ScoringPlan(num_pairs, inputs, np.asarray(segments.owners, dtype=np.int64), spans)
 
-    def _padded(self, encoded: Any, rows: np.ndarray, width: int) -> dict[str, torch.Tensor]:
+    def _padded(self, inputs: dict[str, list[list[int]]], rows: np.ndarray, width: int) -> dict[str, torch.Tensor]:
         """The model inputs of ``rows``, padded to ``width`` on the tokenizer's padding side."""
         pads = {"input_ids": self.pad_token_id, "token_type_ids": self.tokenizer.pad_token_type_id,
                 "attention_mask": 0}
@@ -501,9 +609,9 @@ class CrossEncoderScorer:
         batch = {}
         for key in self._inputs:
             if key == "attention_mask":
-                values = [[1] * len(encoded["input_ids"][row]) for row in rows]
-            elif key in encoded:
-                values = [encoded[key][row] for row in rows]
+                values = [[1] * len(inputs["input_ids"][row]) for row in rows]
+            elif key in inputs:
+                values = [inputs[key][row] for row in rows]
             else:
                 continue
             array = np.full((len(rows), width), pads.get(key, 0), dtype=np.int64)
@@ -514,6 +622,12 @@ class CrossEncoderScorer:
                     array[line, :len(value)] = value
             batch[key] = host_to_device(array, self.device)
         return batch
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """``ValueError`` unless ``batch_size`` is a positive integer."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
 
 
 def _split_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:

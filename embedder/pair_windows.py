@@ -23,6 +23,11 @@ Aggregate = Literal["max", "first", "mean"]
 AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 
 
+class InputTooLongError(ValueError):
+    """An input the model cannot read as asked: a query that leaves a long document too little room
+    beside it, or a single text over ``max_length`` that may not be truncated."""
+
+
 def check_aggregate(aggregate: str) -> None:
     """``ValueError`` unless ``aggregate`` is one of ``AGGREGATES``."""
     if aggregate not in AGGREGATES:
@@ -31,10 +36,10 @@ def check_aggregate(aggregate: str) -> None:
 
 def window_budget(max_length: int, num_special: int, query_length: int) -> int:
     """Document wordpieces that fit beside a query of ``query_length`` wordpieces and the pair's
-    ``num_special`` special tokens. A query longer than half of ``max_length`` is a ``ValueError``
-    (it would leave the document too little room)."""
+    ``num_special`` special tokens. A query longer than half of ``max_length`` is an
+    ``InputTooLongError`` (it would leave the document too little room)."""
     if query_length > max_length // 2:
-        raise ValueError(f"the query has {query_length} tokens, more than half of max_length {max_length}: "
+        raise InputTooLongError(f"the query has {query_length} tokens, more than half of max_length {max_length}: "
                          f"a long document cannot be cut into windows beside it (shorten the query, or "
                          f"pass truncate=True)")
     budget = max_length - num_special - query_length

@@ -87,14 +87,14 @@ def test_health_check_runs_a_forward_and_fails_when_the_model_cannot(encoder):
         await encoder.check_health()  # answered lately: healthy without a probe
         encoder._last_success -= 100
         await encoder.check_health()  # a probe forward answered
-        forward = encoder._embedder.transformer_model.forward
-        encoder._embedder.transformer_model.forward = _broken
+        forward = encoder._head.weights.forward
+        encoder._head.weights.forward = _broken
         encoder._last_success -= 100
         try:
             with pytest.raises(RuntimeError, match="device-side assert"):
                 await encoder.check_health()
         finally:
-            encoder._embedder.transformer_model.forward = forward
+            encoder._head.weights.forward = forward
         await encoder.check_health()
 
     asyncio.run(scenario())
@@ -104,19 +104,19 @@ def test_health_check_runs_a_forward_and_fails_when_the_model_cannot(encoder):
 def gated_forward(encoder):
     """The encoder's forward pass waits until the test sets ``release`` (``entered`` is set once a
     batch is in it): a batch that runs as long as the test wants, in the real model."""
-    forward, entered, release = encoder._embedder.transformer_model.forward, threading.Event(), threading.Event()
+    forward, entered, release = encoder._head.weights.forward, threading.Event(), threading.Event()
 
     def gated(*args, **kwargs):
         entered.set()
         release.wait(60)
         return forward(*args, **kwargs)
 
-    encoder._embedder.transformer_model.forward = gated
+    encoder._head.weights.forward = gated
     try:
         yield entered, release
     finally:
         release.set()
-        encoder._embedder.transformer_model.forward = forward
+        encoder._head.weights.forward = forward
 
 
 def test_a_long_batch_keeps_its_replica_healthy(encoder, minilm_path):

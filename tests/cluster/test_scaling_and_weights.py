@@ -114,7 +114,7 @@ def test_a_store_fed_replica_maps_the_stores_copy_and_holds_no_weights_of_its_ow
 def _reference_digest(minilm_path: str, dtype: str) -> str:
     """What the encoder's warm-up answers, computed here from the files (one thread, as in the replicas)."""
     from embedder.cache import clear_cache
-    from deployments.encoder import WARM_UP_TEXT
+    from deployments.model_heads import WARM_UP_TEXT
     from cluster.config import ModelConfig
 
     threads = torch.get_num_threads()

@@ -1,0 +1,236 @@
+"""The heads an encoder replica runs, one per kind of model, over the same continuous batcher.
+
+``Encoder`` (``deployments.encoder``) owns batching, threads, health and metrics; a head owns
+what depends on the kind of model: loading it, what one queued item is, running a batch of
+items, the probe it is checked with, and what ``GET /models`` shows. ``HEADS`` maps each kind
+the folder can hold (``ModelConfig.kind``) to its head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from deployments.errors import BadRequestError, PayloadTooLargeError
+from deployments.loading import load_encoder, replica_device
+from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest
+from deployments.settings import ModelConfig
+from embedder.chunking import TooManyChunksError
+from embedder.cross_encoder import CrossEncoderScorer, ScoringPlan
+from embedder.devices import choose_dtype
+from embedder.folded_batch import FoldedBatch
+from embedder.inference import EncodeStats, encode_folded
+from embedder.pair_windows import InputTooLongError
+from embedder.sentence_pooling import check_pooling_modes
+from embedder.transformer_embedder import check_type_ids
+
+WARM_UP_TEXT = "warm up the encoder"
+WARM_UP_PAIR = ("warm up", "the reranker")
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One embedding request's folded inputs and options, as queued for a batch."""
+
+    batch: FoldedBatch
+    options: EncodeOptions
+
+    @property
+    def weight(self) -> int:
+        return self.batch.num_tokens
+
+    @property
+    def tokenize_ms(self) -> float | None:
+        return self.batch.tokenize_ms
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One scoring request's tokenized segments, as queued for a batch."""
+
+    plan: ScoringPlan
+    tokenize_ms: float
+
+    @property
+    def weight(self) -> int:
+        return self.plan.num_tokens
+
+
+@dataclass
+class BatchOutput:
+    """A scoring batch's answer for one item: the logits of its segments."""
+
+    logits: np.ndarray
+    timings: dict[str, float]
+
+
+class EmbeddingHead:
+    """Pooled, wordpiece, word and chunk vectors of a sentence-transformers (or plain) encoder."""
+
+    kind = "embedding"
+
+    def __init__(self, model: ModelConfig, threads: int) -> None:
+        self._config = model
+        self.encoder, self.weights_source = load_encoder(model, threads)
+        self._embedder, self._head = self.encoder.embedder, self.encoder.head
+        self.device, self.dtype = self._embedder.device, self._embedder.dtype
+        self.weights: nn.Module = self._embedder.transformer_model
+        self.probe = EncodeItem(self.encoder.indexer.fold([WARM_UP_TEXT]), EncodeOptions())
+
+    def probe_digest(self, result: EncodeResult) -> str:
+        """The digest of the probe's answer (it tells replicas' weights apart); ``RuntimeError``
+        when the answer is not finite (a model that cannot run any more)."""
+        if not np.isfinite(result.vectors).all():
+            raise RuntimeError(f"model {self._config.name!r} answers non-finite vectors")
+        return hashlib.sha256(np.ascontiguousarray(result.vectors).tobytes()).hexdigest()[:16]
+
+    def validate(self, item: EncodeItem) -> None:
+        """``BadRequestError`` for what this model cannot do with the item (checked before queueing)."""
+        batch, options = item.batch, item.options
+        if options.level == "word" and not batch.has_words:
+            raise BadRequestError("level 'word' needs pre-split words")
+        max_length = self.encoder.settings.max_length
+        if batch.num_segments and int(batch.segment_lengths.max()) > max_length:
+            raise BadRequestError(f"a segment of {int(batch.segment_lengths.max())} wordpieces is longer than "
+                                  f"model {self._config.name!r} takes ({max_length})")
+        if options.level == "chunk" and not batch.has_chunks:
+            raise BadRequestError("level 'chunk' needs documents folded for chunking")
+        if options.pooling is not None:
+            try:
+                self._head.output_dim_for(check_pooling_modes(options.pooling))
+            except ValueError as error:
+                raise BadRequestError(f"model {self._config.name!r}: {error}") from None
+        if batch.type_ids is not None:
+            try:
+                check_type_ids(torch.from_numpy(batch.type_ids), self._embedder.type_vocab_size)
+            except ValueError as error:
+                raise BadRequestError(f"model {self._config.name!r}: {error}") from None
+
+    def run(self, items: list[EncodeItem], stats: EncodeStats) -> list[EncodeResult]:
+        """Encode a batch of requests; requests with the same options share one pass."""
+        groups: dict[EncodeOptions, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.options].append(index)
+        results: list[EncodeResult | None] = [None] * len(items)
+        for options, indices in groups.items():
+            batches = [items[i].batch for i in indices]
+            vectors = encode_folded(self._embedder, batches, level=options.level, head=self._head,
+                                    pooling=options.pooling, normalize=options.normalize,
+                                    sub_token_mode=options.sub_token_mode,
+                                    max_batch_tokens=self._config.max_batch_tokens, stats=stats)
+            for i, batch, output in zip(indices, batches, vectors):
+                results[i] = EncodeResult(vectors=output, num_wordpieces=batch.num_wordpieces,
+                                          wordpieces=batch.wordpieces, chunks=batch.chunk_table())
+        return results
+
+    def info(self) -> dict:
+        """What ``GET /models`` shows about this model."""
+        config = self._embedder.config
+        settings = self.encoder.settings
+        return {
+            "kind": self.kind,
+            "model_name": self._config.model_name,
+            "dim": self._head.get_output_dim(),
+            "wordpiece_dim": self._embedder.get_output_dim(),
+            "max_length": settings.max_length,
+            "layers": int(config.num_hidden_layers),
+            "last_layer_only": self._config.last_layer_only,
+            "pooling": list(self._head.pooling_modes),
+            "include_prompt": self._head.include_prompt,
+            "normalize": self._head.normalizes,
+            "head": [type(layer).__name__ for layer in self._head.layers],
+            "prompts": settings.prompts,
+            "default_prompt_name": settings.default_prompt_name,
+        }
+
+
+class PairScoreHead:
+    """Scores of a sentence-transformers ``CrossEncoder`` folder: a reranker (one label) or a
+    classifier (several), long documents read in windows (``embedder.cross_encoder``).
+    Its weights load from disk in each replica (the weight store holds embedding models)."""
+
+    def __init__(self, model: ModelConfig, threads: int) -> None:
+        self._config = model
+        device = replica_device(model)
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.scorer = CrossEncoderScorer(model.model_name, max_length=model.max_length,
+                                         dtype=choose_dtype(model.dtype, device), device=str(device),
+                                         max_batch_tokens=model.max_batch_tokens)
+        self.kind = model.kind
+        self.weights_source = "disk, no store"
+        self.device, self.dtype = self.scorer.device, self.scorer.dtype
+        self.weights: nn.Module = self.scorer.model
+        self.probe = ScoreItem(self.scorer.plan([WARM_UP_PAIR]), 0.0)
+
+    def probe_digest(self, result: BatchOutput) -> str:
+        if not np.isfinite(result.logits).all():
+            raise RuntimeError(f"model {self._config.name!r} answers non-finite scores")
+        return hashlib.sha256(np.ascontiguousarray(result.logits).tobytes()).hexdigest()[:16]
+
+    def validate(self, item: ScoreItem) -> None:
+        """Nothing: planning checked the request."""
+
+    def plan(self, request: ScoreRequest) -> ScoreItem:
+        """The request tokenized into segments; 400/413 errors name the problem and the limit."""
+        started = time.perf_counter()
+        try:
+            if request.texts is not None:
+                plan = self.scorer.plan_texts(request.texts, truncate=request.truncate)
+            else:
+                plan = self.scorer.plan(request.pairs, truncate=request.truncate, aggregate=request.aggregate,
+                                        window_overlap=request.window_overlap, prompt=request.prompt,
+                                        max_windows=request.max_windows)
+        except TooManyChunksError:
+            raise PayloadTooLargeError(
+                f"the documents are read in more than {request.max_windows} windows, over the limit "
+                f"max_chunks_per_request={request.max_windows}; send fewer or shorter documents per request, "
+                "or truncate: true") from None
+        except InputTooLongError as error:
+            raise PayloadTooLargeError(f"model {self._config.name!r}: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise BadRequestError(f"model {self._config.name!r}: {error}") from None
+        if not request.windows and plan.num_segments > plan.num_pairs:
+            first = int(plan.owners[np.flatnonzero(np.diff(plan.owners) == 0)[0]])
+            raise PayloadTooLargeError(f"model {self._config.name!r}: pair {first} is longer than max_length "
+                                       f"{self.scorer.max_length}; pass truncate: true to cut it")
+        if request.max_tokens is not None and plan.num_tokens > request.max_tokens:
+            raise PayloadTooLargeError(
+                f"the request scores {plan.num_tokens} tokens (windows and queries included), over the limit "
+                f"max_wordpieces_per_request={request.max_tokens}; split it into smaller requests")
+        return ScoreItem(plan, 1000 * (time.perf_counter() - started))
+
+    def run(self, items: list[ScoreItem], stats: EncodeStats) -> list[BatchOutput]:
+        """Every item's segments in one pass (length-sorted sub-batches by the token budget)."""
+        plans = [item.plan for item in items]
+        stats.real_tokens += sum(plan.num_tokens for plan in plans)
+        return [BatchOutput(logits, {}) for logits in self.scorer.logits(plans)]
+
+    def info(self) -> dict:
+        folder = self.scorer.folder
+        labels = folder.config.id2label or {}
+        return {
+            "kind": self.kind,
+            "model_name": self._config.model_name,
+            "max_length": self.scorer.max_length,
+            "layers": int(folder.config.num_hidden_layers),
+            "labels": [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(folder.num_labels)],
+            "activation": folder.activation.rsplit(".", 1)[-1],
+            "activation_source": folder.activation_source,
+            "activation_is_default": folder.activation_is_default,
+            "prompts": self._config.prompts or {},
+            "default_prompt_name": self._config.default_prompt_name or None,
+        }
+
+
+HEADS: dict[str, type[EmbeddingHead] | type[PairScoreHead]] = {
+    "embedding": EmbeddingHead,
+    "reranker": PairScoreHead,
+    "classifier": PairScoreHead,
+}
