@@ -3,7 +3,8 @@
 Contenders: the in-process limit (``encode_folded``), a naive padded
 ``transformers`` loop, ``sentence-transformers`` (short texts only: it
 truncates), the cluster through its handle and over HTTP, single-text latency,
-late chunking against chunks embedded alone, and the bulk ``ray.data`` job.
+late chunking against chunks embedded alone, reranking against ``CrossEncoder.predict``,
+and the bulk ``ray.data`` job.
 Speed targets live here, never in unit tests.
 """
 
@@ -393,14 +394,14 @@ def _latency(call, texts: list[str]) -> dict[str, float]:
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95))}
 
 
-def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_requests: int) -> list[Result]:
+def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_requests: int,
+                  reranker: str | None = None) -> list[Result]:
     """Start a local cluster with ``config``, measure the handle, HTTP, latency and bulk, shut it down."""
     import httpx
     import ray
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.bulk import embed_dataset
     from cluster.client import EmbeddingClient
 
     model = config.models[0]
@@ -429,8 +430,9 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
                          extra={"http": http_latency, "handle": handle_latency})
         chunking = bench_chunks(url, model, corpus.long, repeats)
         serve.delete(config.app_name)
+        reranking = bench_rerank(config, corpus, repeats, reranker)
         bulk_results = bench_bulk(model, texts)
-        return [handle, over_http, short_http, latency, *chunking, *bulk_results]
+        return [handle, over_http, short_http, latency, *chunking, *reranking, *bulk_results]
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -454,6 +456,98 @@ def bench_chunks(url: str, model: ModelConfig, documents: list[str], repeats: in
                    _timed(lambda: asyncio.run(_http_run(url, chunk_texts)), repeats), chunk_wordpieces,
                    note="the same chunks' texts", compare=False)
     return [late, alone]
+
+
+def bench_reranker_folder(model: ModelConfig, folder: Path) -> str:
+    """A reranker of the bench model's shape: its transformer with a fresh one-label head (seeded),
+    saved as a plain ``*ForSequenceClassification`` folder; the compute of a cross-encoder such as
+    ms-marco-MiniLM-L6-v2 for the bundled MiniLM (no hub here to fetch a trained one)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(model.model_name, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model.model_name).save_pretrained(folder)
+    return str(folder)
+
+
+def rerank_requests(corpus: Corpus) -> list[tuple[str, list[str]]]:
+    """(query, documents) requests over the short texts: each query the first words of another text."""
+    short = corpus.short
+    return [(" ".join(short[(start * 7 + 3) % len(short)].split()[:8]), short[start:start + TEXTS_PER_REQUEST])
+            for start in range(0, len(short), TEXTS_PER_REQUEST)]
+
+
+async def _rerank_run(url: str, requests: list[tuple[str, list[str]]], model: str) -> list:
+    """POST each (query, documents) to ``/rerank`` from ``CLIENTS`` concurrent clients; the answers."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=CLIENTS)) as client:
+        semaphore = asyncio.Semaphore(CLIENTS)
+
+        async def send(query: str, documents: list[str]):
+            async with semaphore:
+                response = await client.post("/rerank", json={"model": model, "query": query, "texts": documents})
+                response.raise_for_status()
+                return response.json()
+
+        return await asyncio.gather(*(send(query, documents) for query, documents in requests))
+
+
+def bench_rerank(config: ClusterConfig, corpus: Corpus, repeats: int, reranker: str | None = None) -> list[Result]:
+    """Reranking over HTTP (``/rerank``, one query and 16 texts a request) against
+    ``CrossEncoder.predict`` in this process on the same pairs at the same dtype; and long documents
+    (each read in windows beside its query, MaxP) against ``CrossEncoderScorer`` in this process:
+    texts/s are pairs/s, and windows/s for the long documents. ``reranker``: a folder (default: one
+    built from the bench model, ``bench_reranker_folder``)."""
+    import tempfile
+
+    import torch
+    from ray import serve
+
+    from cluster.app import build_app
+    from embedder.cross_encoder import CrossEncoderScorer
+    from embedder.devices import choose_dtype
+
+    model = config.models[0]
+    with tempfile.TemporaryDirectory(prefix="bench-reranker-") as scratch:
+        folder = reranker or bench_reranker_folder(model, Path(scratch) / "reranker")
+        served = ModelConfig(name="bench-reranker", model_name=folder, dtype=model.dtype, device=model.device,
+                             num_cpus=model.num_cpus, num_gpus=model.num_gpus, torch_threads=model.torch_threads,
+                             concurrent_batches=model.concurrent_batches, max_batch_tokens=model.max_batch_tokens)
+        dtype = choose_dtype(model.dtype, torch.device("cuda" if model.num_gpus else "cpu"))
+        dtype_name = str(dtype).removeprefix("torch.")
+        requests = rerank_requests(corpus)
+        pairs = [(query, document) for query, documents in requests for document in documents]
+        long_pairs = [(" ".join(query.split()[:8]), document) for query, document in zip(corpus.short, corpus.long)]
+        scorer = CrossEncoderScorer(folder, dtype=dtype, max_batch_tokens=model.max_batch_tokens)
+        torch.set_num_threads(model.cpu_threads)
+        tokens = scorer.plan(pairs).num_tokens
+        long_plan = scorer.plan(long_pairs)
+        in_process_long = Result(f"rerank limit: CrossEncoderScorer, long documents ({dtype_name})",
+                                 long_plan.num_segments, _timed(lambda: scorer.score_pairs(long_pairs), repeats),
+                                 long_plan.num_tokens, note="texts = windows (MaxP)", compare=False)
+        from sentence_transformers import CrossEncoder
+
+        reference = CrossEncoder(folder, device="cpu", model_kwargs={"dtype": dtype})
+        predict = Result(f"rerank: CrossEncoder.predict ({dtype_name})", len(pairs),
+                         _timed(lambda: reference.predict(pairs), repeats), tokens,
+                         note="pairs of short texts, batches of 32 in input order; texts = pairs", compare=False)
+        app_config = config.model_copy(update={"models": [served]})
+        serve.run(build_app(app_config), name=config.app_name, route_prefix="/")
+        url = f"http://{config.http.host}:{config.http.port}"
+        try:
+            over_http = Result(f"rerank: cluster /rerank over HTTP, {CLIENTS} clients", len(pairs),
+                               _timed(lambda: asyncio.run(_rerank_run(url, requests, served.name)), repeats), tokens,
+                               note=f"1 query + {TEXTS_PER_REQUEST} texts a request; texts = pairs", compare=False)
+            long_requests = [(query, [document]) for query, document in long_pairs]
+            long_http = Result("rerank: cluster /rerank, long documents in windows", long_plan.num_segments,
+                               _timed(lambda: asyncio.run(_rerank_run(url, long_requests, served.name)), repeats),
+                               long_plan.num_tokens, note="one document a request; texts = windows (MaxP)",
+                               compare=False)
+        finally:
+            serve.delete(config.app_name)
+    return [predict, over_http, in_process_long, long_http]
 
 
 def bench_bulk(model: ModelConfig, texts: list[str], copies: int = BULK_COPIES) -> list[Result]:
@@ -493,7 +587,7 @@ def bench_bulk(model: ModelConfig, texts: list[str], copies: int = BULK_COPIES) 
 
 
 def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_requests: int = 100,
-              cluster: bool = True) -> dict:
+              cluster: bool = True, reranker: str | None = None) -> dict:
     """Run every contender; return the report (also what ``--json`` writes)."""
     model = config.models[0]
     # first, before the other contenders start threads of their own (ONNX Runtime's, the limit's)
@@ -506,7 +600,7 @@ def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_r
     results += bench_sentence_transformers(model, corpus, repeats)
     results += bench_kernels(model, corpus, repeats)
     if cluster:
-        cluster_results = bench_cluster(config, corpus, repeats, latency_requests)
+        cluster_results = bench_cluster(config, corpus, repeats, latency_requests, reranker)
         latency = next(r for r in cluster_results if r.name == forward.name)
         latency.extra = forward.extra | latency.extra
         results += cluster_results
@@ -555,6 +649,11 @@ def targets(rows: list[dict]) -> list[dict]:
     short_http, same_dtype = rate("cluster over HTTP, short texts only"), rate(f"sentence-transformers encode ({dtype})")
     if short_http and same_dtype:
         check(f"short texts over HTTP / sentence-transformers {dtype}", short_http / same_dtype, 1.5)
+    rerank_http = rate(f"rerank: cluster /rerank over HTTP, {CLIENTS} clients")
+    predict = next((row for name, row in by_name.items() if name.startswith("rerank: CrossEncoder.predict")), None)
+    if rerank_http and predict:
+        check(f"rerank over HTTP / {predict['name'].removeprefix('rerank: ')}", rerank_http / predict["texts_per_s"],
+              1.0)
     fp32_limit, onnx = rate("limit, short texts only, fp32"), rate("kernel: ONNX Runtime fp32 (exported here)")
     if fp32_limit and onnx:
         check("limit fp32 / ONNX Runtime fp32, short texts", fp32_limit / onnx, 1.0)

@@ -21,7 +21,8 @@ def test_bench_quick(tmp_path):
     report = json.loads(report_file.read_text())
     names = [row["name"] for row in report["results"]]
     for expected in ("limit: encode_folded", "naive", "sentence-transformers", "via handle", "over HTTP",
-                     "latency", "late chunking", "cut client-side", "bulk"):
+                     "latency", "late chunking", "cut client-side", "rerank: CrossEncoder.predict",
+                     "rerank: cluster /rerank over HTTP", "long documents in windows", "bulk"):
         assert any(expected in name for name in names), (expected, names)
     for row in report["results"]:
         if row["extra"]:
@@ -38,6 +39,8 @@ def test_bench_quick(tmp_path):
         if "ratio_to_limit" in row and not row["short_only"]:
             assert row["ratio_to_limit"] == pytest.approx(row["wordpieces_per_s"] / limit["wordpieces_per_s"])
     assert "contender" in result.stdout and "p50" in result.stdout
+    rerank = next(t for t in report["targets"] if t["target"].startswith("rerank over HTTP"))
+    assert rerank["figure"] > 0 and "CrossEncoder.predict" in rerank["target"]
     assert rows["limit, short texts only, fp32"]["dtype"] == "float32"
     latency = rows["latency, one short text"]["extra"]
     assert set(latency) == {"in-process forward", "http", "handle"}
