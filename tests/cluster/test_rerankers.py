@@ -3,6 +3,7 @@ against sentence-transformers' ``CrossEncoder`` and the plain ``transformers`` c
 
 from __future__ import annotations
 
+import asyncio
 from functools import cache
 
 import httpx
@@ -184,6 +185,14 @@ def test_the_handle_reranks_and_predicts(rerank_url, reference):
     assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
     predictions = client.predict([[QUERY, TEXTS[1]], [TEXTS[2], QUERY]], model="bert-3-labels")
     assert len(predictions) == 2 and len(predictions[0]) == 3
+    awaited = asyncio.run(client.arerank(QUERY, DOCUMENTS, model="bert-plain"))
+    assert [r.index for r in awaited] == list(np.argsort(-expected))
+    assert asyncio.run(client.apredict([[QUERY, TEXTS[1]], [TEXTS[2], QUERY]], model="bert-3-labels")) == predictions
+
+
+def test_an_embedding_model_cannot_predict(serve_cluster):
+    answer = httpx.post(serve_cluster.url + "/predict", json={"model": "all-MiniLM-L6-v2", "inputs": "a"}, timeout=60)
+    assert answer.status_code == 400 and "embedding" in answer.json()["error"]["message"]
 
 
 def test_rerank_by_an_embedding_model_is_the_cosine_of_its_vectors(http, serve_cluster, minilm_path):
