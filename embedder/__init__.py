@@ -15,6 +15,7 @@ from embedder.sentence_encoder import SentenceEncoder, SentenceSettings, resolve
 from embedder.sentence_folder import SentenceFolder, UnsupportedModelError, read_sentence_folder
 from embedder.sentence_head import SentenceHead
 from embedder.sentence_pooling import POOLING_MODES, pool_ragged, pool_sentences
+from embedder.sparse_encoder import SparseEncoderModel, SparseFolder, read_sparse_folder
 from embedder.transformer_embedder import PretrainedTransformerEmbedder
 from embedder.word_pooling import pool_spans
 
@@ -37,6 +38,8 @@ __all__ = [
     "SentenceFolder",
     "SentenceHead",
     "SentenceSettings",
+    "SparseEncoderModel",
+    "SparseFolder",
     "UnsupportedModelError",
     "cache_info",
     "clear_cache",
@@ -48,5 +51,6 @@ __all__ = [
     "pool_spans",
     "read_cross_encoder_folder",
     "read_sentence_folder",
+    "read_sparse_folder",
     "resolve_sentence_settings",
 ]

@@ -121,15 +121,22 @@ def _model_class(spec: ModelSpec) -> type:
     if spec.model_class is None:
         return AutoModel
     model_class = getattr(transformers, spec.model_class, None)
-    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+    if not (isinstance(model_class, type) and (issubclass(model_class, PreTrainedModel) or _is_auto_class(spec))):
         raise ValueError(f"{spec.model_class!r} is not a transformers model class")
     return model_class
+
+
+def _is_auto_class(spec: ModelSpec) -> bool:
+    """Whether the spec names an ``AutoModelFor...`` class (e.g. the masked-LM of a SPLADE model)."""
+    return spec.model_class is not None and spec.model_class.startswith("AutoModel")
 
 
 def model_from_config(spec: ModelSpec, config: transformers.PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
     """A freshly initialized model of the spec's class built from ``config``."""
     if spec.model_class is None:
         return AutoModel.from_config(config, **kwargs)
+    if _is_auto_class(spec):
+        return _model_class(spec).from_config(config, **kwargs)
     return _model_class(spec)._from_config(config, **kwargs)
 
 

@@ -1,0 +1,428 @@
+"""``SparseEncoderModel``: SPLADE vectors as ``SparseEncoder(folder).encode`` computes them.
+
+A sentence-transformers ``SparseEncoder`` folder is a masked-LM transformer (``MLMTransformer``, or
+the newer ``Transformer`` with ``transformer_task: fill-mask``) followed by ``SpladePooling``:
+``log1p(relu(logits))`` (``log1p`` once more for ``activation_function: log1p_relu``) at every
+real wordpiece, reduced over the sequence by ``max`` or ``sum``. ``read_sparse_folder`` reads such
+a folder (sentence-transformers 6's module paths and 5's ``sparse_encoder.models.*``) and raises
+``UnsupportedModelError`` for any module it does not reproduce (``SparseAutoEncoder``, ``Router``,
+...), naming the module and the folder.
+
+Inputs longer than the model's length are folded as everywhere in this project (each segment
+encoded alone, the inner start and end tokens dropped): the vector of a folded input is the
+``max`` (or ``sum``) of SpladePooling's per-wordpiece values over its unfolded sequence, so a long
+document is not cut. ``truncate=True`` keeps only what sentence-transformers keeps.
+
+Memory: the logits of a sub-batch are ``[tokens, vocabulary]`` in the model's dtype (8192
+wordpieces against a 30k vocabulary is 1 GB in float32), so sub-batches are bounded by
+``max_batch_tokens`` (default 2048), reduced segment by segment right away, and the inputs are
+run a group at a time so that only ``max_inputs_per_group`` dense ``[vocabulary]`` rows exist at
+once; only the non-zeros are kept (a ``scipy.sparse.csr_matrix``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse
+import torch
+from transformers import AutoConfig
+
+from embedder.batching import plan_sub_batches
+from embedder.cache import ModelSpec, cached_model, get_tokenizer
+from embedder.devices import choose_dtype, host_to_device, resolve_device
+from embedder.folded_batch import FoldedBatch
+from embedder.folding import _segment_keep_ranges
+from embedder.indexer import PretrainedTransformerIndexer, TruncationDirection
+from embedder.lengths import resolve_max_length, usable_positions
+from embedder.sentence_folder import (
+    _TRANSFORMER_CONFIG_FILES,
+    DEFAULT_PROMPTS,
+    UnsupportedModelError,
+    _join,
+    read_json,
+    resolve_prompt,
+)
+from embedder.transformer_embedder import check_type_ids, number_of_token_type_embeddings, run_transformer
+
+logger = logging.getLogger(__name__)
+
+PoolingStrategy = Literal["max", "sum"]
+Activation = Literal["relu", "log1p_relu"]
+#: The masked-LM module's class names (``MLMTransformer``: sentence-transformers 5 and the legacy
+#: name; ``Transformer``: 6, with ``transformer_task: fill-mask``).
+MLM_MODULES = ("MLMTransformer", "Transformer")
+SPARSE_MODULES = (*MLM_MODULES, "SpladePooling")
+#: ``transformers`` class the masked-LM is loaded with (as sentence-transformers' fill-mask task).
+MASKED_LM_CLASS = "AutoModelForMaskedLM"
+_LOWERCASE_PROBE = "Embedding Cluster ABC"
+
+
+@dataclass(frozen=True)
+class SparseFolder:
+    """What a SparseEncoder folder asks for.
+
+    transformer_path: the masked-LM and its tokenizer. max_seq_length: the module's length, if set.
+    pooling_strategy / activation_function: the SpladePooling module. max_active_dims: the model's
+    default top-k (``None``: keep every non-zero). prompts / default_prompt_name: from
+    ``config_sentence_transformers.json``.
+    """
+
+    model_name: str
+    transformer_path: str
+    max_seq_length: int | None = None
+    pooling_strategy: PoolingStrategy = "max"
+    activation_function: Activation = "relu"
+    max_active_dims: int | None = None
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    default_prompt_name: str | None = None
+    do_lower_case: bool = False
+    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    config_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def is_sparse_encoder_folder(model_name: str | Path) -> bool:
+    """Whether sentence-transformers would load the folder as a ``SparseEncoder`` (``model_type:
+    SparseEncoder`` in ``config_sentence_transformers.json`` beside a ``modules.json``)."""
+    model_name = str(model_name)
+    if read_json(model_name, "modules.json") is None:
+        return False
+    settings = read_json(model_name, "config_sentence_transformers.json") or {}
+    return settings.get("model_type") == "SparseEncoder"
+
+
+def _module_name(model_name: str, entry: dict) -> str:
+    kind = str(entry.get("type", ""))
+    name = kind.rsplit(".", 1)[-1]
+    if not kind.startswith("sentence_transformers.") or name not in SPARSE_MODULES:
+        raise UnsupportedModelError(
+            f"{model_name}: module {kind!r} (modules.json entry {entry.get('idx', '?')}, path "
+            f"{entry.get('path', '')!r}) is not supported by embedding-cluster's sparse encoder, so its vectors "
+            f"cannot be reproduced; supported: a masked-LM Transformer (MLMTransformer) then SpladePooling")
+    return name
+
+
+def _read_mlm_transformer(model_name: str, path: str, name: str) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for filename in _TRANSFORMER_CONFIG_FILES:
+        found = read_json(model_name, _join(path, filename))
+        if found is not None:
+            config = found
+            break
+    where = f"{model_name}/{path or '.'}"
+    default_task = "fill-mask" if name == "MLMTransformer" else "feature-extraction"
+    task = config.get("transformer_task", default_task)
+    if task != "fill-mask":
+        raise UnsupportedModelError(f"{where}: a {name} module with transformer_task {task!r} before SpladePooling "
+                                    "(SPLADE needs the masked-LM logits, transformer_task 'fill-mask')")
+    modalities = set(config.get("modality_config") or {"text": {}})
+    if modalities != {"text"}:
+        raise UnsupportedModelError(f"{where}: the Transformer takes {sorted(modalities)} inputs (only plain text)")
+    for key in ("processing_kwargs", "query_expansion"):
+        if config.get(key):
+            raise UnsupportedModelError(f"{where}: {key} {config[key]!r} in the Transformer config is not supported")
+    return config
+
+
+def read_sparse_folder(model_name: str | Path) -> SparseFolder:
+    """What ``SparseEncoder(model_name)`` builds, as data; ``UnsupportedModelError`` for anything
+    that cannot be reproduced."""
+    model_name = str(model_name)
+    if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
+        raise UnsupportedModelError(f"{model_name}: no such folder")
+    modules = read_json(model_name, "modules.json")
+    if not isinstance(modules, list) or not modules:
+        raise UnsupportedModelError(f"{model_name}: no modules.json listing a SparseEncoder's modules")
+    names = [_module_name(model_name, entry) for entry in modules]
+    if len(names) != 2 or names[0] not in MLM_MODULES or names[1] != "SpladePooling":
+        raise UnsupportedModelError(f"{model_name}: modules {names} are not a masked-LM Transformer followed by "
+                                    "SpladePooling (the only sparse encoder embedding-cluster reproduces)")
+    settings = read_json(model_name, "config_sentence_transformers.json") or {}
+    model_type = settings.get("model_type", "SentenceTransformer")
+    if model_type != "SparseEncoder":
+        raise UnsupportedModelError(f"{model_name}: a {model_type} model, not a SparseEncoder")
+    transformer_dir = str(modules[0].get("path", ""))
+    transformer = _read_mlm_transformer(model_name, transformer_dir, names[0])
+    pooling_path = _join(str(modules[1].get("path", "")), "config.json")
+    pooling = read_json(model_name, pooling_path) or {}
+    strategy = pooling.get("pooling_strategy", "max")
+    activation = pooling.get("activation_function", "relu")
+    if strategy not in ("max", "sum") or activation not in ("relu", "log1p_relu"):
+        raise UnsupportedModelError(f"{model_name}/{pooling_path}: SpladePooling with pooling_strategy {strategy!r} "
+                                    f"and activation_function {activation!r} (supported: max or sum, relu or "
+                                    "log1p_relu)")
+    if pooling.get("chunk_size"):
+        logger.info("%s: SpladePooling's chunk_size only changes its memory, not its vectors", model_name)
+    prompts = {**DEFAULT_PROMPTS, **(settings.get("prompts") or {})}
+    default_prompt_name = settings.get("default_prompt_name")
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise UnsupportedModelError(f"{model_name}: default_prompt_name {default_prompt_name!r} is not one of its "
+                                    f"prompts {sorted(prompts)}")
+    max_active_dims = settings.get("max_active_dims")
+    if max_active_dims is not None and (isinstance(max_active_dims, bool) or not isinstance(max_active_dims, int)
+                                        or max_active_dims <= 0):
+        raise UnsupportedModelError(f"{model_name}: max_active_dims {max_active_dims!r} is not a positive integer")
+    transformer_path = model_name if not transformer_dir else str(Path(model_name) / transformer_dir)
+    return SparseFolder(
+        model_name=model_name,
+        transformer_path=transformer_path,
+        max_seq_length=transformer.get("max_seq_length"),
+        pooling_strategy=strategy,
+        activation_function=activation,
+        max_active_dims=max_active_dims,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        do_lower_case=bool(transformer.get("do_lower_case", False)),
+        tokenizer_kwargs=dict(transformer.get("processor_kwargs", transformer.get("tokenizer_args")) or {}),
+        config_kwargs=dict(transformer.get("config_kwargs", transformer.get("config_args")) or {}),
+    )
+
+
+def check_max_active_dims(value: int | None) -> int | None:
+    """``None`` or a positive int (``ValueError`` otherwise), as sentence-transformers checks it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
+        raise ValueError(f"max_active_dims must be a positive integer, got {value!r}")
+    return None if value is None else int(value)
+
+
+def splade_activation(logits: torch.Tensor, activation_function: Activation) -> torch.Tensor:
+    """SpladePooling's per-wordpiece values, in place: ``log1p(relu(x))``, with ``log1p`` once more
+    for ``log1p_relu`` (its inference path, in the logits' dtype)."""
+    values = logits.relu_().log1p_()
+    return values.log1p_() if activation_function == "log1p_relu" else values
+
+
+def top_k_rows(rows: torch.Tensor, k: int | None) -> torch.Tensor:
+    """sentence-transformers' ``select_max_active_dims``: the ``k`` largest absolute values per row
+    kept, the others zero (``torch.topk``, so that ties fall as they fall there)."""
+    if k is None:
+        return rows
+    _, top = torch.topk(rows.abs(), k=min(k, rows.shape[-1]), dim=-1)
+    selected = torch.zeros_like(rows)
+    selected.scatter_(-1, top, rows.gather(-1, top))
+    return selected
+
+
+def to_csr(rows: torch.Tensor) -> scipy.sparse.csr_matrix:
+    """Dense ``[n, vocab]`` rows -> their non-zeros as a float32 CSR matrix (column indices sorted)."""
+    dense = rows.float().cpu()
+    row_ids, columns = torch.nonzero(dense, as_tuple=True)
+    values = dense[row_ids, columns].numpy()
+    indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_ids.numpy(), minlength=dense.shape[0]), out=indptr[1:])
+    return scipy.sparse.csr_matrix((values, columns.numpy().astype(np.int32), indptr), shape=tuple(dense.shape))
+
+
+def input_groups(batch: FoldedBatch, max_group_tokens: int, max_inputs: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` input ranges of at most ``max_inputs`` inputs and (unless one input
+    alone has more) ``max_group_tokens`` tokens."""
+    tokens_per_input = np.add.reduceat(batch.segment_lengths.astype(np.int64), batch.input_segment_starts()) \
+        if batch.num_inputs else np.zeros(0, np.int64)
+    groups, start, total = [], 0, 0
+    for index, tokens in enumerate(tokens_per_input):
+        if index > start and (index - start >= max_inputs or total + tokens > max_group_tokens):
+            groups.append((start, index))
+            start, total = index, 0
+        total += int(tokens)
+    if start < batch.num_inputs:
+        groups.append((start, batch.num_inputs))
+    return groups
+
+
+class SparseEncoderModel:
+    """SPLADE vectors from a sentence-transformers ``SparseEncoder`` folder, equal to
+    ``SparseEncoder(folder).encode`` on inputs that fit; longer inputs are folded (each segment
+    encoded alone) and pooled over the unfolded sequence. Frozen, for inference; the weights come
+    from the process-wide cache (``AutoModelForMaskedLM``)."""
+
+    def __init__(
+        self,
+        model_name: str | Path,
+        *,
+        max_length: int | None = None,
+        dtype: str | torch.dtype | None = "float32",
+        device: str | None = "auto",
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        transformer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.folder = read_sparse_folder(model_name)
+        folder = self.folder
+        self.tokenizer_kwargs = {**folder.tokenizer_kwargs, **(tokenizer_kwargs or {})}
+        self.transformer_kwargs = {**folder.config_kwargs, **(transformer_kwargs or {})}
+        tokenizer = get_tokenizer(folder.transformer_path, **self.tokenizer_kwargs)
+        if folder.do_lower_case and tokenizer.tokenize(_LOWERCASE_PROBE) != tokenizer.tokenize(_LOWERCASE_PROBE.lower()):
+            raise UnsupportedModelError(f"{model_name}: sentence_bert_config.json asks for do_lower_case, which its "
+                                        "tokenizer does not do; lowercase texts before sending them and set it to false")
+        config = AutoConfig.from_pretrained(folder.transformer_path, **folder.config_kwargs)
+        self.max_length = resolve_max_length(max_length, model_name=str(model_name),
+                                             max_seq_length=folder.max_seq_length, tokenizer=tokenizer, config=config)
+        self.indexer = PretrainedTransformerIndexer(folder.transformer_path, max_length=self.max_length,
+                                                    tokenizer_kwargs=self.tokenizer_kwargs or None)
+        target = resolve_device(device)
+        self.spec = ModelSpec.create(folder.transformer_path, dtype=choose_dtype(dtype, target),
+                                     model_class=MASKED_LM_CLASS, **self.transformer_kwargs)
+        self.model = cached_model(self.spec).to(target).eval()
+        self.config = self.model.config
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.type_vocab_size = number_of_token_type_embeddings(self.config)
+        self.max_positions = usable_positions(self.config)
+        self.pad_token_id = self.indexer.pad_token_id
+
+    @property
+    def tokenizer(self):
+        return self.indexer.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pooling_strategy(self) -> PoolingStrategy:
+        return self.folder.pooling_strategy
+
+    def prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
+        """The prompt text a request asks for (``ValueError`` for an unknown name or both fields)."""
+        return resolve_prompt(self.folder.prompts, self.folder.default_prompt_name, prompt_name, prompt)
+
+    def fold(self, texts: Sequence[str], *, truncate: bool = False,
+             truncation_direction: TruncationDirection | None = None, prompt_name: str | None = None,
+             prompt: str | None = None) -> FoldedBatch:
+        """Tokenize and fold texts as ``encode`` does (the prompt before each text)."""
+        return self.indexer.fold(list(texts), truncate=truncate, truncation_direction=truncation_direction,
+                                 prompt=self.prompt(prompt_name, prompt))
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        truncate: bool = False,
+        truncation_direction: TruncationDirection | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        max_active_dims: int | None = None,
+        max_batch_tokens: int = 2048,
+        max_inputs_per_group: int = 64,
+    ) -> scipy.sparse.csr_matrix:
+        """``[n, vocab]`` float32 sparse vectors (one row for one string), as
+        ``SparseEncoder.encode(texts, prompt_name=..., prompt=..., max_active_dims=...)``."""
+        single = isinstance(texts, str)
+        if not single and len(texts) == 0:
+            return scipy.sparse.csr_matrix((0, self.vocab_size), dtype=np.float32)
+        batch = self.fold([texts] if single else texts, truncate=truncate, truncation_direction=truncation_direction,
+                          prompt_name=prompt_name, prompt=prompt)
+        return self.encode_folded(batch, max_active_dims=max_active_dims, max_batch_tokens=max_batch_tokens,
+                                  max_inputs_per_group=max_inputs_per_group)
+
+    def encode_folded(self, batch: FoldedBatch, *, max_active_dims: int | None = None,
+                      max_batch_tokens: int = 2048, max_inputs_per_group: int = 64) -> scipy.sparse.csr_matrix:
+        """The sparse vectors of an already folded batch (from ``fold``)."""
+        k = check_max_active_dims(max_active_dims)
+        k = self.folder.max_active_dims if k is None else k
+        if batch.num_inputs == 0:
+            return scipy.sparse.csr_matrix((0, self.vocab_size), dtype=np.float32)
+        if int(batch.segment_lengths.max()) > self.max_length:
+            raise ValueError(f"a segment is longer than the model's max_length {self.max_length}")
+        type_ids = None if batch.type_ids is None else check_type_ids(torch.from_numpy(batch.type_ids),
+                                                                     self.type_vocab_size)
+        lo, hi = _segment_keep_ranges(batch)
+        parts = []
+        segment_starts = batch.input_segment_starts()
+        segment_ends = segment_starts + batch.segments_per_input
+        with torch.inference_mode():
+            for start, end in input_groups(batch, max(max_batch_tokens, 1) * 4, max_inputs_per_group):
+                rows = self._pool_inputs(batch, int(segment_starts[start]), int(segment_ends[end - 1]), start, end,
+                                         lo, hi, type_ids, max_batch_tokens)
+                parts.append(to_csr(top_k_rows(rows, k)))
+        return scipy.sparse.vstack(parts, format="csr", dtype=np.float32)
+
+    def _pool_inputs(self, batch: FoldedBatch, first_segment: int, last_segment: int, first_input: int,
+                     last_input: int, lo: np.ndarray, hi: np.ndarray, type_ids: torch.Tensor | None,
+                     max_batch_tokens: int) -> torch.Tensor:
+        """``[inputs, vocab]`` float32 pooled rows of inputs ``[first_input, last_input)``, whose segments
+        are ``[first_segment, last_segment)``; sub-batches of at most ``max_batch_tokens`` tokens."""
+        device = self.device
+        activation = self.folder.activation_function
+        use_max = self.folder.pooling_strategy == "max"
+        segments = np.arange(first_segment, last_segment)
+        lengths = batch.segment_lengths[segments].astype(np.int64)
+        starts = batch.segment_starts()[segments]
+        owner = np.repeat(np.arange(last_input - first_input), batch.segments_per_input[first_input:last_input])
+        token_ids = batch.token_ids.astype(np.int64)
+        # every value is >= 0, so 0 is the neutral start for max as for sum; sums of segments are added
+        # in float64, so that an input's vector does not depend on the order its segments ran in
+        pooled = torch.zeros(last_input - first_input, self.vocab_size, device=device,
+                             dtype=torch.float32 if use_max else torch.float64)
+        for group in plan_sub_batches(lengths, max_batch_tokens):
+            width = int(lengths[group].max())
+            positions = np.arange(width)
+            real = positions[None, :] < lengths[group][:, None]
+            source = np.where(real, starts[group][:, None] + positions[None, :], 0)
+            ids = np.where(real, token_ids[source], self.pad_token_id)
+            types = None if type_ids is None else host_to_device(np.where(real, type_ids.numpy()[source], 0), device)
+            if self.max_positions is not None and width > self.max_positions:
+                raise ValueError(f"segments of {width} wordpieces are longer than the {self.max_positions} positions "
+                                 f"of {self.folder.model_name}")
+            logits = run_transformer(self.model, host_to_device(ids, device), host_to_device(real, device), types,
+                                     all_layers=False)
+            # the positions that make up the unfolded sequence (padding and inner specials out)
+            keep = (positions[None, :] >= lo[segments[group]][:, None]) & (positions[None, :] < hi[segments[group]][:, None])
+            # masked first, then relu and log1p in place, in SpladePooling's order
+            logits.mul_(host_to_device(keep, device).unsqueeze(-1).to(logits.dtype))
+            values = splade_activation(logits, activation)
+            per_segment = (values.amax(dim=1) if use_max else values.sum(dim=1)).to(pooled.dtype)
+            index = host_to_device(owner[group], device)
+            if use_max:
+                pooled.scatter_reduce_(0, index[:, None].expand_as(per_segment), per_segment, "amax")
+            else:
+                pooled.index_add_(0, index, per_segment)
+            del logits, values
+        return pooled.float()
+
+    def decode(self, row: scipy.sparse.spmatrix | np.ndarray | torch.Tensor,
+               top_k: int | None = None) -> list[tuple[str, float]]:
+        """One vector's non-zero dimensions as ``(token, weight)``, largest weight first, at most
+        ``top_k`` of them: ``SparseEncoder.decode`` for one embedding."""
+        return decode_row(self.tokenizer, row, top_k)
+
+
+def sparse_row(row: scipy.sparse.spmatrix | np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, values)`` of one vector's non-zeros, indices ascending."""
+    if scipy.sparse.issparse(row):
+        row = scipy.sparse.csr_matrix(row)
+        if row.shape[0] != 1:
+            raise ValueError(f"one row expected, not {row.shape[0]}")
+        row.sum_duplicates()
+        row.eliminate_zeros()
+        return row.indices.astype(np.int64), row.data.astype(np.float32)
+    dense = row.to_dense().cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
+    dense = dense.reshape(-1)
+    indices = np.flatnonzero(dense)
+    return indices.astype(np.int64), dense[indices].astype(np.float32)
+
+
+def top_entries(indices: np.ndarray, values: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The entries sorted by descending weight (``torch.topk`` / ``argsort`` as ``SparseEncoder.decode``),
+    at most ``top_k`` of them."""
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if len(values) == 0:
+        return indices, values
+    weights = torch.from_numpy(np.ascontiguousarray(values))
+    if top_k is not None and top_k < len(values):
+        _, order = torch.topk(weights, top_k)
+    else:
+        order = torch.argsort(weights, descending=True)
+    order = order.numpy()
+    return indices[order], values[order]
+
+
+def decode_row(tokenizer: Any, row: scipy.sparse.spmatrix | np.ndarray | torch.Tensor,
+               top_k: int | None = None) -> list[tuple[str, float]]:
+    """``SparseEncoder.decode`` of one vector with ``tokenizer``."""
+    indices, values = top_entries(*sparse_row(row), top_k)
+    return list(zip(tokenizer.convert_ids_to_tokens(indices.tolist()), values.tolist()))

@@ -1,0 +1,186 @@
+"""SPLADE in the library: ``SparseEncoderModel`` against sentence-transformers' ``SparseEncoder``.
+
+On every folder of ``sparse_folders.SPARSE_SETUPS``: vectors equal ``SparseEncoder(folder).encode``
+to 1e-5 at fp32 with the same non-zero set (short inputs, truncated long ones, prompts);
+long inputs, folded, equal SpladePooling over the plain ``transformers`` masked-LM run on each
+segment alone (the segments cut from the tokenizer's own wordpieces, not by the project's fold);
+``max_active_dims`` and ``decode`` equal sentence-transformers'; refused folders name the module.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_folders import SPARSE_SETUPS, build_sparse, set_module_type, write_json
+from st_folders import LONG_TEXTS, TEXTS
+
+from embedder.sentence_folder import UnsupportedModelError
+from embedder.sparse_encoder import SparseEncoderModel, is_sparse_encoder_folder, read_sparse_folder
+
+ATOL = 1e-5
+NAMES = [spec.name for spec in SPARSE_SETUPS]
+PROMPTS = {spec.name: spec.prompts for spec in SPARSE_SETUPS}
+
+
+@pytest.fixture(scope="module")
+def sparse_folders(tmp_path_factory, minilm_path) -> dict[str, str]:
+    return build_sparse(tmp_path_factory.mktemp("sparse-folders"), minilm_path)
+
+
+_references: dict[str, object] = {}
+_models: dict[str, SparseEncoderModel] = {}
+
+
+def reference(folder: str):
+    from sentence_transformers import SparseEncoder
+
+    if folder not in _references:
+        _references[folder] = SparseEncoder(folder, device="cpu")
+    return _references[folder]
+
+
+def ours(folder: str) -> SparseEncoderModel:
+    if folder not in _models:
+        _models[folder] = SparseEncoderModel(folder, device="cpu")
+    return _models[folder]
+
+
+def st_encode(folder: str, texts, **kwargs) -> np.ndarray:
+    return reference(folder).encode(list(texts), convert_to_tensor=True, **kwargs).to_dense().numpy()
+
+
+def assert_same_vectors(actual: np.ndarray, expected: np.ndarray, rtol: float = 0.0) -> float:
+    """The same non-zero set, and values within ``ATOL`` (plus ``rtol`` of the value: float32 sums
+    over hundreds of wordpieces, added up segment by segment, round differently)."""
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(actual != 0, expected != 0)
+    np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=rtol)
+    return float(np.abs(actual - expected).max())
+
+
+def masked_lm_reference(folder: str, text: str, max_length: int, prompt: str | None = None) -> np.ndarray:
+    """SpladePooling over the unfolded sequence, from the plain masked-LM run on each segment alone:
+    the text's wordpieces (from the tokenizer, no specials) cut into ``max_length - 2`` pieces, each
+    wrapped in [CLS] ... [SEP]; the first segment's [CLS], every segment's text wordpieces and the
+    last segment's [SEP] are pooled (the inner specials are not wordpieces of the text)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    settings = read_sparse_folder(folder)
+    tokenizer = AutoTokenizer.from_pretrained(settings.transformer_path)
+    model = AutoModelForMaskedLM.from_pretrained(settings.transformer_path, dtype=torch.float32).eval()
+    pieces = tokenizer((prompt or "") + text, add_special_tokens=False)["input_ids"]
+    chunk = max_length - 2
+    cut = [pieces[i:i + chunk] for i in range(0, len(pieces), chunk)]
+    per_position = []
+    with torch.no_grad():
+        for index, part in enumerate(cut):
+            ids = torch.tensor([[tokenizer.cls_token_id, *part, tokenizer.sep_token_id]])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            values = torch.log1p(torch.relu(logits))
+            if settings.activation_function == "log1p_relu":
+                values = torch.log1p(values)
+            lo = 0 if index == 0 else 1
+            hi = len(part) + 2 if index == len(cut) - 1 else len(part) + 1
+            per_position.append(values[lo:hi])
+    values = torch.cat(per_position)
+    pooled = values.amax(0) if settings.pooling_strategy == "max" else values.sum(0)
+    return pooled.numpy()
+
+
+def test_folders_are_sparse_encoders(sparse_folders, tiny_bert_path):
+    for folder in sparse_folders.values():
+        assert is_sparse_encoder_folder(folder)
+    assert not is_sparse_encoder_folder(tiny_bert_path)
+    assert read_sparse_folder(sparse_folders["bert-splade-sum"]).pooling_strategy == "sum"
+    assert read_sparse_folder(sparse_folders["bert-log1p-relu"]).activation_function == "log1p_relu"
+    assert read_sparse_folder(sparse_folders["st5-paths"]).max_active_dims == 24
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_equal_to_sparse_encoder(sparse_folders, name):
+    """Short inputs and truncated long ones, the folder's default prompt, then each of its prompts."""
+    folder = sparse_folders[name]
+    texts = TEXTS + LONG_TEXTS
+    model = ours(folder)
+    assert model.max_length == reference(folder).max_seq_length
+    assert_same_vectors(model.encode(texts, truncate=True).toarray(), st_encode(folder, texts))
+    for prompt_name in PROMPTS[name]:
+        assert_same_vectors(model.encode(TEXTS, prompt_name=prompt_name).toarray(),
+                            st_encode(folder, TEXTS, prompt_name=prompt_name))
+    assert_same_vectors(model.encode(TEXTS, prompt="search: ").toarray(),
+                        st_encode(folder, TEXTS, prompt="search: "))
+
+
+@pytest.mark.parametrize("name", ["bert-splade-max", "bert-splade-sum", "bert-log1p-relu", "distilbert-splade"])
+def test_long_inputs_equal_masked_lm_over_segments(sparse_folders, name):
+    folder = sparse_folders[name]
+    model = ours(folder)
+    prompt = model.prompt()
+    vectors = model.encode(LONG_TEXTS).toarray()
+    assert model.fold(LONG_TEXTS).segments_per_input.min() >= 3
+    for text, vector in zip(LONG_TEXTS, vectors):
+        assert_same_vectors(vector[None], masked_lm_reference(folder, text, model.max_length, prompt)[None],
+                            rtol=1e-5 if model.pooling_strategy == "sum" else 0.0)
+
+
+def test_small_budgets_give_the_same_vectors(sparse_folders):
+    """Sub-batches of a few segments and groups of one or two inputs: the same vectors, and a text
+    alone equals the text among others (to float32 rounding: other padding widths change the
+    transformer's sums in the last bits)."""
+    model = ours(sparse_folders["bert-splade-sum"])
+    texts = LONG_TEXTS + TEXTS
+    full = model.encode(texts).toarray()
+    assert_same_vectors(model.encode(texts, max_batch_tokens=50, max_inputs_per_group=2).toarray(), full, rtol=1e-5)
+    assert_same_vectors(model.encode(texts[1]).toarray(), full[1:2], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert-splade-max", "st5-paths"])
+def test_max_active_dims_and_decode(sparse_folders, name):
+    folder = sparse_folders[name]
+    model = ours(folder)
+    for k in (1, 7, 50):
+        assert_same_vectors(model.encode(TEXTS, max_active_dims=k).toarray(),
+                            st_encode(folder, TEXTS, max_active_dims=k))
+    matrix = model.encode(TEXTS)
+    expected = reference(folder).encode(TEXTS, convert_to_tensor=True)
+    for row, reference_row in zip(matrix, expected):
+        for top_k in (None, 5):
+            mine, theirs = model.decode(row, top_k=top_k), reference(folder).decode(reference_row, top_k=top_k)
+            assert [token for token, _ in mine] == [token for token, _ in theirs]
+            np.testing.assert_allclose([w for _, w in mine], [w for _, w in theirs], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="max_active_dims"):
+        model.encode(TEXTS, max_active_dims=0)
+
+
+def test_empty_and_one_text(sparse_folders):
+    model = ours(sparse_folders["bert-splade-max"])
+    assert model.encode([]).shape == (0, model.vocab_size)
+    one = model.encode("A man is eating food.")
+    assert one.shape == (1, model.vocab_size) and one.dtype == np.float32
+    np.testing.assert_array_equal(np.diff(one.indices) > 0, True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("sentence_transformers.sparse_encoder.modules.sparse_auto_encoder.SparseAutoEncoder", "SparseAutoEncoder"),
+    ("sentence_transformers.base.modules.router.Router", "Router"),
+    ("sentence_transformers.sentence_transformer.modules.pooling.Pooling", "Pooling"),
+])
+def test_unsupported_modules_are_refused(sparse_folders, tmp_path, change, message):
+    folder = tmp_path / "refused"
+    shutil.copytree(sparse_folders["bert-splade-max"], folder)
+    set_module_type(folder, 1, change)
+    with pytest.raises(UnsupportedModelError, match=message) as error:
+        SparseEncoderModel(str(folder), device="cpu")
+    assert str(folder) in str(error.value)
+
+
+def test_feature_extraction_transformer_is_refused(sparse_folders, tmp_path):
+    folder = tmp_path / "feature-extraction"
+    shutil.copytree(sparse_folders["st6-saved"], folder)
+    write_json(folder / "sentence_bert_config.json", {"transformer_task": "feature-extraction"})
+    with pytest.raises(UnsupportedModelError, match="fill-mask"):
+        read_sparse_folder(str(folder))
