@@ -11,31 +11,43 @@ Only the torch activations of ``ACTIVATIONS`` are honoured: nothing named in a f
 imported. Whatever a folder asks for that cannot be reproduced is an ``UnsupportedModelError``
 (a ``ValueError``) naming the module and the folder.
 
+An LLM reranker (a ``*ForCausalLM`` folder, Qwen3-Reranker style) is read too: sentence-transformers'
+``LogitScore`` (the "yes" logit minus the "no" logit at the last position), its chat template and
+instruction (``embedder.llm_reranker``).
+
 ``CrossEncoderScorer`` scores (query, document) pairs: a pair that fits in ``max_length``
 exactly as ``CrossEncoder.predict`` scores it (the same tokenizer call); with ``truncate`` a
 longer pair is cut as ``CrossEncoder.predict`` cuts it; without, the document is read in
 windows beside the whole query (``embedder.pair_windows``) and scored by its best window.
+Two parts vary with the folder: the *head* (``SequenceClassificationHead``: the classifier's
+logits; ``LogitScoreHead``: an LLM's yes/no logits) and the *pair format* (``TokenizerPairs``:
+the tokenizer's pair template; ``ChatTemplatePairs``: an LLM reranker's chat template).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from embedder.batching import plan_sub_batches
 from embedder.cache import get_tokenizer
 from embedder.chunking import TooManyChunksError
 from embedder.devices import choose_dtype, host_to_device, resolve_device
 from embedder.lengths import resolve_max_length
+from embedder.llm_reranker import (LLM_TASK, ChatTemplatePairs, LogitScoreHead, check_causal_modality,
+                                   default_logit_score, infer_message_format, is_causal_lm, is_logit_score_module,
+                                   read_logit_score)
 from embedder.pair_windows import (Aggregate, InputTooLongError, aggregate_windows, check_aggregate, check_overlap,
                                    default_overlap, window_budget, window_spans)
 from embedder.sentence_folder import UnsupportedModelError, read_json, resolve_prompt
@@ -88,6 +100,12 @@ class CrossEncoderFolder:
     processor_kwargs / config_kwargs / model_kwargs: the Transformer module's arguments.
     keep_in_fp32_modules: linear layers sentence-transformers computes in fp32.
     is_sentence_transformers: False for a plain ``transformers`` folder.
+    logit_score: for an LLM reranker (``*ForCausalLM``), its ``LogitScore`` module (``None``: a
+        plain folder's, "yes" minus "no", resolved with the tokenizer); ``is_llm`` says which.
+    message_format: for an LLM reranker, how its chat template takes messages (``"flat"``,
+        ``"structured"``, ``"auto"``: as sentence-transformers infers it; ``"infer"``: through the
+        chat template when the tokenizer has one) or ``None`` when pairs go through the tokenizer's
+        pair template (no ``message`` modality).
     """
 
     model_name: str
@@ -103,10 +121,14 @@ class CrossEncoderFolder:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     keep_in_fp32_modules: tuple[str, ...] = ()
     is_sentence_transformers: bool = False
+    is_llm: bool = False
+    logit_score: LogitScoreHead | None = None
+    message_format: str | None = None
 
     @property
     def num_labels(self) -> int:
-        return int(self.config.num_labels)
+        """The scores per input: one for an LLM reranker (``LogitScore``), the classifier's labels otherwise."""
+        return 1 if self.is_llm else int(self.config.num_labels)
 
     @property
     def activation_is_default(self) -> bool:
@@ -167,17 +189,34 @@ def _module_kwargs(transformer: dict, new: str, old: str) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if key not in _HUB_KWARGS}
 
 
-def _read_transformer(model_name: str, modules: Any) -> tuple[str, dict[str, Any]]:
-    """The one Transformer module of a saved CrossEncoder: its folder and its checked config."""
+@dataclass(frozen=True)
+class _TransformerModule:
+    """The Transformer module of a saved CrossEncoder, and what follows it."""
+
+    path: str
+    config: dict[str, Any]
+    logit_score: LogitScoreHead | None = None
+    message_format: str | None = None
+
+    @property
+    def is_llm(self) -> bool:
+        return self.config.get("transformer_task") == LLM_TASK
+
+
+def _read_transformer(model_name: str, modules: Any) -> _TransformerModule:
+    """The Transformer module of a saved CrossEncoder (and an LLM reranker's LogitScore): its folder
+    and its checked config."""
     if not isinstance(modules, list) or not modules:
         raise UnsupportedModelError(f"{model_name}: modules.json lists no modules")
-    for number, entry in enumerate(modules):
-        kind = str(entry.get("type", "")) if isinstance(entry, dict) else repr(entry)
-        if number > 0 or not kind.startswith("sentence_transformers.") or kind.rsplit(".", 1)[-1] != "Transformer":
+    kinds = [str(entry.get("type", "")) if isinstance(entry, dict) else repr(entry) for entry in modules]
+    for number, kind in enumerate(kinds):
+        transformer = number == 0 and kind.startswith("sentence_transformers.") \
+            and kind.rsplit(".", 1)[-1] == "Transformer"
+        if not (transformer or (number == 1 and is_logit_score_module(kind))):
             raise UnsupportedModelError(
                 f"{model_name}: module {kind!r} (modules.json entry {number}) is not supported by "
                 f"embedding-cluster for a CrossEncoder, so its scores cannot be reproduced; a reranker must be "
-                f"exactly one sentence_transformers Transformer module")
+                f"exactly one sentence_transformers Transformer module (an LLM reranker: then one LogitScore)")
     path = str(modules[0].get("path", ""))
     config: dict[str, Any] = {}
     for filename in _TRANSFORMER_CONFIG_FILES:
@@ -187,10 +226,20 @@ def _read_transformer(model_name: str, modules: Any) -> tuple[str, dict[str, Any
             break
     where = f"{model_name}/{path or '.'} (Transformer module)"
     task = config.get("transformer_task", "feature-extraction")
-    if task != CROSS_ENCODER_TASK:
-        raise UnsupportedModelError(f"{where}: transformer_task {task!r} is not a sequence-classification "
-                                    "reranker (LLM rerankers with LogitScore are not supported)")
-    if config.get("modality_config", _TEXT_LOGITS) != _TEXT_LOGITS \
+    logit_score = read_logit_score(model_name, modules[1], 1) if len(modules) > 1 else None
+    message_format = None
+    if task == LLM_TASK:
+        if logit_score is None:
+            raise UnsupportedModelError(f"{where}: transformer_task {task!r} without a LogitScore module after it "
+                                        "gives no scores")
+        message_format = check_causal_modality(where, config.get("modality_config"), config.get("module_output_name"))
+    elif task != CROSS_ENCODER_TASK:
+        raise UnsupportedModelError(f"{where}: transformer_task {task!r} is neither a sequence-classification "
+                                    f"reranker nor an LLM reranker ({LLM_TASK!r} with a LogitScore module)")
+    elif logit_score is not None:
+        raise UnsupportedModelError(f"{logit_score.source}: a LogitScore module needs a {LLM_TASK!r} Transformer, "
+                                    f"not {task!r}")
+    elif config.get("modality_config", _TEXT_LOGITS) != _TEXT_LOGITS \
             or config.get("module_output_name", "scores") != "scores":
         raise UnsupportedModelError(f"{where}: modality_config {config.get('modality_config')!r} / "
                                     f"module_output_name {config.get('module_output_name')!r}: only plain text "
@@ -201,7 +250,7 @@ def _read_transformer(model_name: str, modules: Any) -> tuple[str, dict[str, Any
     unknown = set(config) - _KNOWN_TRANSFORMER_KEYS
     if unknown:
         logger.info("%s: ignoring Transformer settings %s", where, sorted(unknown))
-    return path, config
+    return _TransformerModule(path, config, logit_score, message_format)
 
 
 def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
@@ -214,14 +263,16 @@ def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
     settings: dict[str, Any] = {}
     transformer: dict[str, Any] = {}
     transformer_path = model_name
+    module: _TransformerModule | None = None
     if modules is not None:
         settings = read_json(model_name, "config_sentence_transformers.json") or {}
         model_type = settings.get("model_type", "SentenceTransformer")
         if model_type != "CrossEncoder":
             raise UnsupportedModelError(f"{model_name}: a {model_type} model, not a CrossEncoder "
                                         "(sentence-transformers would put an untrained classifier on it)")
-        path, transformer = _read_transformer(model_name, modules)
-        transformer_path = str(Path(model_name) / path) if path else model_name
+        module = _read_transformer(model_name, modules)
+        transformer = module.config
+        transformer_path = str(Path(model_name) / module.path) if module.path else model_name
     config_kwargs = _module_kwargs(transformer, "config_kwargs", "config_args")
     model_kwargs = _module_kwargs(transformer, "model_kwargs", "model_args")
     processor_kwargs = _module_kwargs(transformer, "processor_kwargs", "tokenizer_args")
@@ -233,12 +284,17 @@ def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
     if not isinstance(config_json, dict):
         raise UnsupportedModelError(f"{model_name}: no config.json for the classifier in {transformer_path}")
     architectures = config_json.get("architectures") or []
-    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+    # sentence-transformers: a saved folder says its task; a plain one is an LLM reranker when its
+    # first architecture is a causal LM, else a sequence classifier.
+    is_llm = module.is_llm if module is not None else is_causal_lm(architectures)
+    if is_llm and not is_causal_lm(architectures):
+        raise UnsupportedModelError(f"{model_name}: an LLM reranker ({LLM_TASK!r} Transformer) whose architectures "
+                                    f"{architectures} hold no *ForCausalLM model")
+    if not is_llm and not any(str(a).endswith("ForSequenceClassification") for a in architectures):
         raise UnsupportedModelError(f"{model_name}: architectures {architectures} hold no *ForSequenceClassification "
-                                    "model, so sentence-transformers would score with an untrained classifier "
-                                    "(or an LLM's yes/no logits, which are not supported)")
+                                    "model, so sentence-transformers would score with an untrained classifier")
     config = AutoConfig.from_pretrained(transformer_path, **config_kwargs)
-    activation, source = _folder_activation(model_name, settings, config_json, int(config.num_labels))
+    activation, source = _folder_activation(model_name, settings, config_json, 1 if is_llm else int(config.num_labels))
     prompts = {key: value for key, value in (settings.get("prompts") or {}).items() if value is not None}
     default_prompt_name = settings.get("default_prompt_name")
     if default_prompt_name is not None and default_prompt_name not in prompts:
@@ -259,6 +315,10 @@ def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
         model_kwargs={k: v for k, v in model_kwargs.items() if k in _PASSED_MODEL_KWARGS},
         keep_in_fp32_modules=tuple(settings.get("keep_in_fp32_modules") or ()),
         is_sentence_transformers=modules is not None,
+        is_llm=is_llm,
+        logit_score=module.logit_score if module is not None else None,
+        # a plain folder: sentence-transformers renders messages whenever the tokenizer has a chat template
+        message_format=module.message_format if module is not None else "infer" if is_llm else None,
     )
 
 
@@ -310,15 +370,130 @@ class ScoringPlan:
         return len(self.spans)
 
 
+class ScoringHead(Protocol):
+    """What turns the model's output into scores ``[rows, labels]``: a classifier's logits, or an
+    LLM's yes/no logits (``LogitScoreHead``)."""
+
+    num_labels: int
+    auto_class: str  # the ``transformers`` Auto class that loads the model
+    pads_left: bool  # whether inputs must be left-padded, whatever the tokenizer's side
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SequenceClassificationHead:
+    """A ``*ForSequenceClassification`` model: its logits are the scores."""
+
+    num_labels: int
+    auto_class = "AutoModelForSequenceClassification"
+    pads_left = False
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).logits
+
+
+class PairFormat(Protocol):
+    """How a (query, document) pair becomes tokens, as sentence-transformers makes them:
+    ``TokenizerPairs`` (the tokenizer's pair template) or ``ChatTemplatePairs`` (an LLM reranker's
+    chat template). ``prompt`` is the resolved prompt text (``None``: none)."""
+
+    num_special: int  # tokens a pair holds besides its two texts (the pair template's or chat template's)
+
+    def lengths(self, queries: Sequence[str], documents: Sequence[str], prompt: str | None,
+                document_pieces: Sequence[Sequence[int]]) -> list[int]:
+        """Each whole pair's tokens, untruncated."""
+
+    def window_budget(self, query: str, prompt: str | None, max_length: int) -> int:
+        """Document tokens a window holds beside ``query`` (``pair_windows.window_budget``'s errors)."""
+
+    def window_excess(self, query: str, texts: Sequence[str], prompt: str | None, max_length: int) -> int:
+        """How many tokens the longest window ``(query, text)`` has over ``max_length`` (0 or less: all fit)."""
+
+    def encode(self, queries: Sequence[str], texts: Sequence[str], truncated: Sequence[bool], prompt: str | None,
+               max_length: int, keys: Sequence[str]) -> tuple[dict[str, list[list[int]]], list[tuple[int, int]]]:
+        """The model inputs of each segment (``input_ids`` and those of ``keys`` the tokenizer gives),
+        cut to ``max_length``, and each truncated segment's kept character span of its text."""
+
+    def encode_texts(self, texts: Sequence[str], truncate: bool, max_length: int,
+                     keys: Sequence[str]) -> tuple[dict[str, list[list[int]]], list[tuple[int, int]]]:
+        """Single texts (a classifier's inputs) and the span of each that is kept."""
+
+
+class TokenizerPairs:
+    """``tokenizer(queries, documents)``: the tokenizer's pair template, the prompt before the query."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.num_special = tokenizer.num_special_tokens_to_add(pair=True)
+
+    def _pieces(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
+                              return_token_type_ids=False, verbose=False)["input_ids"]
+
+    @staticmethod
+    def _prompted(queries: Sequence[str], prompt: str | None) -> list[str]:
+        return [prompt + query for query in queries] if prompt else list(queries)
+
+    def lengths(self, queries: Sequence[str], documents: Sequence[str], prompt: str | None,
+                document_pieces: Sequence[Sequence[int]]) -> list[int]:
+        queries = self._prompted(queries, prompt)
+        unique = list(dict.fromkeys(queries))
+        query_lengths = dict(zip(unique, (len(ids) for ids in self._pieces(unique)))) if unique else {}
+        return [query_lengths[query] + len(pieces) + self.num_special
+                for query, pieces in zip(queries, document_pieces)]
+
+    def window_budget(self, query: str, prompt: str | None, max_length: int) -> int:
+        query_length = len(self._pieces(self._prompted([query], prompt))[0])
+        return window_budget(max_length, self.num_special, query_length)
+
+    def window_excess(self, query: str, texts: Sequence[str], prompt: str | None, max_length: int) -> int:
+        return 0  # the budget is exact: a pair's tokens are its two texts' and the template's
+
+    def encode(self, queries: Sequence[str], texts: Sequence[str], truncated: Sequence[bool], prompt: str | None,
+               max_length: int, keys: Sequence[str]) -> tuple[dict[str, list[list[int]]], list[tuple[int, int]]]:
+        encoded = self.tokenizer(self._prompted(queries, prompt), list(texts), truncation="longest_first",
+                                 max_length=max_length, return_offsets_mapping=any(truncated), verbose=False)
+        kept_spans = [(0, len(text)) for text in texts]
+        for index in np.flatnonzero(truncated):
+            kept = [encoded["offset_mapping"][index][p] for p, sequence in enumerate(encoded.sequence_ids(index))
+                    if sequence == 1]
+            kept_spans[index] = (min(s for s, _ in kept), max(e for _, e in kept)) if kept else (0, 0)
+        inputs = {key: encoded[key] for key in ("input_ids", *keys) if key != "attention_mask" and key in encoded}
+        return inputs, kept_spans
+
+    def encode_texts(self, texts: Sequence[str], truncate: bool, max_length: int,
+                     keys: Sequence[str]) -> tuple[dict[str, list[list[int]]], list[tuple[int, int]]]:
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=True,
+                                 return_overflowing_tokens=False, verbose=False)
+        num_special = self.tokenizer.num_special_tokens_to_add(pair=False)
+        spans = []
+        for index, length in enumerate(len(ids) for ids in self._pieces(texts)):
+            if length == 0:
+                raise ValueError(f"text {index} is empty (it holds no tokens)")
+            if length + num_special > max_length and not truncate:
+                raise InputTooLongError(f"text {index} has {length + num_special} tokens, more than max_length "
+                                        f"{max_length} (pass truncate=True to cut it)")
+            kept = [encoded["offset_mapping"][index][p] for p, sequence in enumerate(encoded.sequence_ids(index))
+                    if sequence == 0]
+            spans.append((min(s for s, _ in kept), max(e for _, e in kept)))
+        inputs = {key: encoded[key] for key in ("input_ids", *keys) if key != "attention_mask" and key in encoded}
+        return inputs, spans
+
+
 @dataclass(frozen=True)
 class CrossEncoderSettings:
     """A reranker folder with its tokenizer and the length pairs are scored at: all that decides
-    how pairs are cut and windowed, without the weights."""
+    how pairs are cut and windowed, without the weights. ``num_special``: the tokens a pair holds
+    besides its texts (for an LLM reranker, its chat template's with no prompt); ``pairs`` and
+    ``head``: how pairs become tokens and how the model's output becomes scores."""
 
     folder: CrossEncoderFolder
     tokenizer: Any
     max_length: int
     num_special: int
+    pairs: PairFormat | None = None
+    head: ScoringHead | None = None
 
 
 def resolve_cross_encoder(folder: str | Path, max_length: int | None = None) -> CrossEncoderSettings:
@@ -333,15 +508,39 @@ def resolve_cross_encoder(folder: str | Path, max_length: int | None = None) -> 
     tokenizer = get_tokenizer(read.transformer_path, **read.processor_kwargs)
     if not tokenizer.is_fast:
         raise UnsupportedModelError(f"{name}: windows need a fast tokenizer (for character offsets)")
-    if not read.is_sentence_transformers and getattr(tokenizer, "chat_template", None):
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if not read.is_llm and not read.is_sentence_transformers and chat_template:
         raise UnsupportedModelError(f"{name}: its tokenizer has a chat template, which sentence-transformers "
-                                    "would render pairs with; chat-template rerankers are not supported")
+                                    "would render pairs with; chat-template sequence classifiers are not supported")
+    head: ScoringHead = SequenceClassificationHead(read.num_labels)
+    pairs: PairFormat = TokenizerPairs(tokenizer)
+    if read.is_llm:
+        read = _resolved_llm_folder(read, tokenizer)
+        head = read.logit_score
+        if read.message_format is not None:
+            pairs = ChatTemplatePairs(tokenizer, read.message_format, name, prompts=list(read.prompts.values()))
     length = resolve_max_length(max_length, model_name=name, max_seq_length=read.max_seq_length,
                                 tokenizer=tokenizer, config=read.config)
-    num_special = tokenizer.num_special_tokens_to_add(pair=True)
+    num_special = pairs.num_special
     if length <= num_special + 1:
         raise ValueError(f"{name}: max_length {length} leaves no room beside the pair's {num_special} special tokens")
-    return CrossEncoderSettings(read, tokenizer, length, num_special)
+    return CrossEncoderSettings(read, tokenizer, length, num_special, pairs, head)
+
+
+def _resolved_llm_folder(read: CrossEncoderFolder, tokenizer: Any) -> CrossEncoderFolder:
+    """An LLM reranker's folder with what the tokenizer decides: a plain folder's yes/no tokens, and
+    whether (and how) pairs are rendered through the chat template."""
+    logit_score = read.logit_score or default_logit_score(tokenizer, read.model_name)
+    chat_template = getattr(tokenizer, "chat_template", None)
+    message_format = read.message_format
+    if message_format == "infer":
+        message_format = "auto" if chat_template else None
+    if message_format is not None and not chat_template:
+        raise UnsupportedModelError(f"{read.model_name}: the Transformer module renders pairs as chat messages, "
+                                    "but the tokenizer has no chat template")
+    if message_format == "auto":
+        message_format = infer_message_format(read.config.model_type, chat_template)
+    return dataclasses.replace(read, logit_score=logit_score, message_format=message_format)
 
 
 class CrossEncoderScorer:
@@ -357,6 +556,7 @@ class CrossEncoderScorer:
         settings = resolve_cross_encoder(folder, max_length)
         self.folder, self.tokenizer = settings.folder, settings.tokenizer
         self.max_length, self.num_special = settings.max_length, settings.num_special
+        self.pairs, self.head = settings.pairs, settings.head
         self.device = resolve_device(device)
         self.dtype = torch.float32 if dtype is None else choose_dtype(dtype, self.device)
         name = self.folder.model_name
@@ -366,7 +566,7 @@ class CrossEncoderScorer:
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
         self.max_batch_tokens = max_batch_tokens
-        self.model = AutoModelForSequenceClassification.from_pretrained(
+        self.model = getattr(transformers, self.head.auto_class).from_pretrained(
             self.folder.transformer_path, config=self.folder.config, dtype=self.dtype, **self.folder.model_kwargs)
         self.model.to(self.device).eval()
         self.activation = make_activation(self.folder.activation)
@@ -425,9 +625,9 @@ class CrossEncoderScorer:
         check_aggregate(aggregate)
         if not queries:
             return ScoringPlan(0, {"input_ids": []}, np.zeros(0, dtype=np.int64), [])
-        segments = self._plan(self._prompted(queries, prompt, prompt_name), documents, truncate, aggregate,
-                              window_overlap, max_windows)
-        return self._tokenized(segments, len(queries))
+        text_prompt = self._prompt(prompt, prompt_name)
+        segments = self._plan(queries, documents, text_prompt, truncate, aggregate, window_overlap, max_windows)
+        return self._tokenized(segments, len(queries), text_prompt)
 
     def plan_texts(self, texts: Sequence[str], *, truncate: bool = False) -> ScoringPlan:
         """Single texts (a classifier's inputs), tokenized as ``CrossEncoder.predict`` tokenizes one
@@ -437,27 +637,14 @@ class CrossEncoderScorer:
         texts = list(texts)
         if not texts:
             return ScoringPlan(0, {"input_ids": []}, np.zeros(0, dtype=np.int64), [])
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
-                                 return_overflowing_tokens=False, verbose=False)
-        num_special = self.tokenizer.num_special_tokens_to_add(pair=False)
-        spans = []
-        for index, length in enumerate(len(ids) for ids in self._pieces(texts)["input_ids"]):
-            if length == 0:
-                raise ValueError(f"text {index} is empty (it holds no tokens)")
-            if length + num_special > self.max_length and not truncate:
-                raise InputTooLongError(f"text {index} has {length + num_special} tokens, more than max_length "
-                                 f"{self.max_length} (pass truncate=True to cut it)")
-            kept = [encoded["offset_mapping"][index][p] for p, sequence in enumerate(encoded.sequence_ids(index))
-                    if sequence == 0]
-            spans.append((min(s for s, _ in kept), max(e for _, e in kept)))
-        inputs = {key: encoded[key] for key in ("input_ids", *self._inputs)
-                  if key != "attention_mask" and key in encoded}
+        inputs, spans = self.pairs.encode_texts(texts, truncate, self.max_length, self._inputs)
         return ScoringPlan(len(texts), inputs, np.arange(len(texts), dtype=np.int64), spans)
 
     def logits(self, plans: Sequence[ScoringPlan], batch_size: int | None = None) -> list[np.ndarray]:
-        """The classifier's logits ``[segments, labels]`` of each plan's segments, all plans'
-        segments run together in length-sorted batches of at most ``max_batch_tokens`` tokens
-        (padding included) and ``batch_size`` rows, each padded only to its longest."""
+        """The model's raw scores ``[segments, labels]`` of each plan's segments (a classifier's
+        logits; an LLM reranker's yes minus no logit), all plans' segments run together in
+        length-sorted batches of at most ``max_batch_tokens`` tokens (padding included) and
+        ``batch_size`` rows, each padded only to its longest."""
         merged: dict[str, list[list[int]]] = {key: [] for key in plans[0].inputs} if plans else {}
         for plan in plans:
             for key in merged:
@@ -470,8 +657,8 @@ class CrossEncoderScorer:
                     step = batch_size or len(group)
                     for start in range(0, len(group), step):
                         rows = group[start:start + step]
-                        output = self.model(**self._padded(merged, rows, int(lengths[rows].max())))
-                        logits[rows] = output.logits.float().cpu().numpy()
+                        batch = self._padded(merged, rows, int(lengths[rows].max()))
+                        logits[rows] = self.head.scores(self.model, batch).float().cpu().numpy()
         bounds = np.cumsum([plan.num_segments for plan in plans])
         return np.split(logits, bounds[:-1]) if plans else []
 
@@ -532,29 +719,26 @@ class CrossEncoderScorer:
         """The character spans of the windows ``score_pairs`` reads a pair's document in (one span,
         the whole document, when the pair fits)."""
         queries, documents = _split_pairs([(query, document)])
-        segments = self._plan(self._prompted(queries, prompt, prompt_name), documents, truncate=False,
+        segments = self._plan(queries, documents, self._prompt(prompt, prompt_name), truncate=False,
                               aggregate="first", window_overlap=window_overlap, max_windows=None)
         return list(segments.spans)
 
-    def _prompted(self, queries: list[str], prompt: str | None, prompt_name: str | None) -> list[str]:
-        """The queries behind the prompt a call asks for (the folder's default one unless told)."""
-        text_prompt = resolve_prompt(self.folder.prompts, self.folder.default_prompt_name, prompt_name, prompt)
-        return [text_prompt + query for query in queries] if text_prompt else queries
+    def _prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """The prompt a call asks for (the folder's default one unless told)."""
+        return resolve_prompt(self.folder.prompts, self.folder.default_prompt_name, prompt_name, prompt)
 
-    def _plan(self, queries: list[str], documents: list[str], truncate: bool, aggregate: str,
+    def _plan(self, queries: list[str], documents: list[str], prompt: str | None, truncate: bool, aggregate: str,
               window_overlap: int | None, max_windows: int | None) -> _Segments:
         """The segments to score, pair by pair: the whole pair when it fits or is truncated, else
         one per window of its document."""
-        unique = list(dict.fromkeys(queries))
-        query_lengths = dict(zip(unique, (len(ids) for ids in self._pieces(unique)["input_ids"])))
         encoded = self._pieces(documents, offsets=True)
+        lengths = self.pairs.lengths(queries, documents, prompt, encoded["input_ids"])
+        budgets: dict[str, int] = {}
         segments = _Segments()
         for index, (query, document) in enumerate(zip(queries, documents)):
-            num_pieces = len(encoded["input_ids"][index])
-            if num_pieces == 0:
+            if not encoded["input_ids"][index]:
                 raise ValueError(f"document {index} is empty (it holds no tokens)")
-            query_length = query_lengths[query]
-            fits = query_length + num_pieces + self.num_special <= self.max_length
+            fits = lengths[index] <= self.max_length
             if fits or truncate:
                 segments.add(index, query, document, (0, len(document)), truncated=not fits)
                 continue
@@ -563,49 +747,56 @@ class CrossEncoderScorer:
                                  f"model (this one has {self.num_labels}): pass aggregate='mean' or 'first', or "
                                  "truncate=True")
             try:
-                budget = window_budget(self.max_length, self.num_special, query_length)
+                if query not in budgets:
+                    budgets[query] = self.pairs.window_budget(query, prompt, self.max_length)
             except ValueError as error:
                 raise type(error)(f"pair {index}: {error}") from None
-            overlap = default_overlap(budget) if window_overlap is None else window_overlap
-            check_overlap(overlap, budget)
             remaining = None if max_windows is None else max_windows - len(segments.owners)
-            try:
-                spans = window_spans(encoded["offset_mapping"][index], encoded.word_ids(index), budget, overlap,
-                                     remaining)
-            except TooManyChunksError:
-                raise TooManyChunksError(max_windows) from None
-            for span in spans:
+            for span in self._windows(query, document, encoded, index, budgets[query], prompt, window_overlap,
+                                      remaining, max_windows):
                 segments.add(index, query, document, span)
         if max_windows is not None and len(segments.owners) > max_windows:
             raise TooManyChunksError(max_windows)
         return segments
 
+    def _windows(self, query: str, document: str, encoded: Any, index: int, budget: int, prompt: str | None,
+                 window_overlap: int | None, remaining: int | None, max_windows: int | None) -> list[tuple[int, int]]:
+        """The spans of a long document's windows beside ``query``: ``budget`` document tokens each,
+        fewer while the longest window does not fit (a chat template's tokens can merge with the text's)."""
+        while True:
+            overlap = default_overlap(budget) if window_overlap is None else window_overlap
+            check_overlap(overlap, budget)
+            try:
+                spans = window_spans(encoded["offset_mapping"][index], encoded.word_ids(index), budget, overlap,
+                                     remaining)
+            except TooManyChunksError:
+                raise TooManyChunksError(max_windows) from None
+            excess = self.pairs.window_excess(query, [document[start:end] for start, end in spans], prompt,
+                                              self.max_length)
+            if excess <= 0:
+                return spans
+            budget -= excess
+
     def _pieces(self, texts: list[str], offsets: bool = False) -> Any:
         return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                               return_token_type_ids=False, return_offsets_mapping=offsets, verbose=False)
 
-    def _tokenized(self, segments: _Segments, num_pairs: int) -> ScoringPlan:
+    def _tokenized(self, segments: _Segments, num_pairs: int, prompt: str | None) -> ScoringPlan:
         """The segments tokenized as ``CrossEncoder.predict`` tokenizes pairs, with the character
         span each kept of its document (the kept part of a truncated one)."""
-        encoded = self.tokenizer(segments.queries, segments.texts, truncation="longest_first",
-                                 max_length=self.max_length, return_offsets_mapping=any(segments.truncated),
-                                 verbose=False)
+        inputs, kept = self.pairs.encode(segments.queries, segments.texts, segments.truncated, prompt,
+                                         self.max_length, self._inputs)
         spans = list(segments.spans)
         for index in np.flatnonzero(segments.truncated):
-            kept = [encoded["offset_mapping"][index][p] for p, sequence in enumerate(encoded.sequence_ids(index))
-                    if sequence == 1]
             start = segments.spans[index][0]
-            spans[index] = (start + min(s for s, _ in kept), start + max(e for _, e in kept)) if kept \
-                else (start, start)
-        inputs = {key: encoded[key] for key in ("input_ids", *self._inputs)
-                  if key != "attention_mask" and key in encoded}
+            spans[index] = (start + kept[index][0], start + kept[index][1])
         return ScoringPlan(num_pairs, inputs, np.asarray(segments.owners, dtype=np.int64), spans)
 
     def _padded(self, inputs: dict[str, list[list[int]]], rows: np.ndarray, width: int) -> dict[str, torch.Tensor]:
         """The model inputs of ``rows``, padded to ``width`` on the tokenizer's padding side."""
         pads = {"input_ids": self.pad_token_id, "token_type_ids": self.tokenizer.pad_token_type_id,
                 "attention_mask": 0}
-        left = self.tokenizer.padding_side == "left"
+        left = self.head.pads_left or self.tokenizer.padding_side == "left"
         batch = {}
         for key in self._inputs:
             if key == "attention_mask":

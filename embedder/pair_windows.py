@@ -34,12 +34,13 @@ def check_aggregate(aggregate: str) -> None:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, not {aggregate!r}")
 
 
-def window_budget(max_length: int, num_special: int, query_length: int) -> int:
+def window_budget(max_length: int, num_special: int, query_length: int, what: str = "the query") -> int:
     """Document wordpieces that fit beside a query of ``query_length`` wordpieces and the pair's
     ``num_special`` special tokens. A query longer than half of ``max_length`` is an
-    ``InputTooLongError`` (it would leave the document too little room)."""
+    ``InputTooLongError`` (it would leave the document too little room); ``what`` names it (an LLM
+    reranker counts the query with its prompt template)."""
     if query_length > max_length // 2:
-        raise InputTooLongError(f"the query has {query_length} tokens, more than half of max_length {max_length}: "
+        raise InputTooLongError(f"{what} has {query_length} tokens, more than half of max_length {max_length}: "
                          f"a long document cannot be cut into windows beside it (shorten the query, or "
                          f"pass truncate=True)")
     budget = max_length - num_special - query_length

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from cluster.config import ClusterConfig, LimitsSettings, ModelConfig
-from reranker_folders import build_rerankers
+from reranker_folders import LLM_RERANKERS, RERANKERS, build_rerankers
 from st_folders import TEXTS
 
 APP_NAME = "rerankers-test"
 ROUTE_PREFIX = "/rerankers"
-SERVED = ("bert-plain", "st6-identity", "xlmr-reranker", "bert-3-labels")
+SERVED = ("bert-plain", "st6-identity", "xlmr-reranker", "bert-3-labels", "qwen3-llm-reranker")
 TOLERANCE = 1e-5
 QUERY = "what is the capital of France?"
 DOCUMENTS = [TEXTS[0], "Paris is the capital of France.", TEXTS[2], "quick brown fox jumps", TEXTS[4]]
@@ -29,7 +29,7 @@ LONG_QUERY = " ".join(["Paris is the capital and most populous city of France."]
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, minilm_path) -> dict[str, str]:
-    return build_rerankers(tmp_path_factory.mktemp("served-rerankers"), minilm_path)
+    return build_rerankers(tmp_path_factory.mktemp("served-rerankers"), minilm_path, RERANKERS + LLM_RERANKERS[:1])
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,31 @@ def test_a_long_document_scores_its_best_window(http, reference, folders, name):
     first = http.post("/rerank", json={"model": name, "query": QUERY, "texts": [LONG_DOCUMENT],
                                        "aggregate": "first"}).json()[0]
     assert abs(first["score"] - window_scores[0]) <= TOLERANCE
+
+
+def test_an_llm_reranker_is_served_as_cross_encoder_scores_it(http, reference, folders):
+    """A Qwen3-Reranker style folder (LogitScore, chat template, instruction): short pairs, raw
+    scores of truncated pairs, and a long document's best window, against ``CrossEncoder``."""
+    from embedder import CrossEncoderScorer
+
+    name = "qwen3-llm-reranker"
+    card = next(card for card in http.get("/models").json()["data"] if card["id"] == name)
+    assert (card["kind"], card["activation"], card["max_length"]) == ("reranker", "Sigmoid", 192)
+    model = reference(name)
+    answer = http.post("/rerank", json={"model": name, "query": QUERY, "texts": DOCUMENTS})
+    assert answer.status_code == 200, answer.text
+    expected = model.predict([(QUERY, document) for document in DOCUMENTS])
+    assert np.abs(ranked_scores(answer.json(), len(DOCUMENTS)) - expected).max() <= TOLERANCE
+    texts = DOCUMENTS[:2] + [LONG_DOCUMENT]
+    raw = http.post("/rerank", json={"model": name, "query": QUERY, "texts": texts, "raw_scores": True,
+                                     "truncate": True}).json()
+    logits = model.predict([(QUERY, text) for text in texts], activation_fn=torch.nn.Identity())
+    assert np.abs(ranked_scores(raw, 3) - logits).max() <= TOLERANCE
+    long_result = http.post("/rerank", json={"model": name, "query": QUERY, "texts": [LONG_DOCUMENT]}).json()[0]
+    spans = CrossEncoderScorer(folders[name]).plan_windows(QUERY, LONG_DOCUMENT)
+    window_scores = model.predict([(QUERY, LONG_DOCUMENT[start:end]) for start, end in spans])
+    assert len(spans) >= 2 and abs(long_result["score"] - window_scores.max()) <= TOLERANCE
+    assert (long_result["window"]["start"], long_result["window"]["end"]) == spans[int(np.argmax(window_scores))]
 
 
 def test_the_cohere_client_reranks_unchanged(rerank_url, reference):

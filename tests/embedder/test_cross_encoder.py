@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from functools import cache
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 
 from embedder import CrossEncoderScorer, PairScore, UnsupportedModelError
 from embedder.chunking import TooManyChunksError
-from reranker_folders import RERANKERS, ST6_PROMPTS, build_rerankers, copy_with_changes, patch_config
+from reranker_folders import (LLM_PROMPTS, LLM_RERANKERS, RERANKERS, ST6_PROMPTS, build_rerankers, copy_with_changes,
+                              patch_config)
 from st_folders import TEXTS, TRAINING_TEXT
 
 NAMES = [spec.name for spec in RERANKERS]
@@ -292,3 +294,164 @@ def test_folders_that_cannot_be_honoured_are_refused(folders, tiny_bert_path, tm
                  model_kwargs={"quantization_config": {"load_in_8bit": True}})
     with pytest.raises(UnsupportedModelError, match="quantization_config"):
         CrossEncoderScorer(llm, device="cpu")
+
+
+# --- LLM rerankers (Qwen3-Reranker style: a causal LM, LogitScore, a chat template) -----------------
+
+LLM_NAMES = [spec.name for spec in LLM_RERANKERS]
+LLM_SPECS = {spec.name: spec for spec in LLM_RERANKERS}
+
+
+@pytest.fixture(scope="module")
+def llm_folders(tmp_path_factory, minilm_path) -> dict[str, str]:
+    return build_rerankers(tmp_path_factory.mktemp("llm-rerankers"), minilm_path, LLM_RERANKERS)
+
+
+@pytest.fixture(scope="module")
+def llm_loaded(llm_folders):
+    from sentence_transformers import CrossEncoder
+
+    @cache
+    def load(name: str) -> tuple[CrossEncoder, CrossEncoderScorer]:
+        return CrossEncoder(llm_folders[name], device="cpu"), CrossEncoderScorer(llm_folders[name], device="cpu")
+
+    return load
+
+
+def mixed_pairs() -> list[tuple[str, str]]:
+    """Pairs of very different lengths, so that a batch pads most of them (on the left)."""
+    return short_pairs() + [(QUERIES[1], TRAINING_TEXT[:400]), (QUERIES[2], TRAINING_TEXT[500:620])]
+
+
+@pytest.mark.parametrize("name", LLM_NAMES)
+def test_llm_folder_is_read_as_cross_encoder_reads_it(llm_loaded, name):
+    reference, scorer = llm_loaded(name)
+    assert scorer.max_length == reference.max_seq_length == LLM_SPECS[name].max_length
+    assert scorer.num_labels == reference.num_labels == 1 and scorer.folder.num_labels == 1
+    assert type(scorer.activation) is type(reference.activation_fn) is torch.nn.Sigmoid
+    assert scorer.folder.is_llm and scorer.folder.message_format == "flat"
+    logit_score = reference[1]
+    assert (scorer.head.true_token_id, scorer.head.false_token_id) == (logit_score.true_token_id,
+                                                                       logit_score.false_token_id)
+    assert scorer.tokenizer.convert_ids_to_tokens([scorer.head.true_token_id, scorer.head.false_token_id]) \
+        == ["yes", "no"]
+
+
+@pytest.mark.parametrize("name", LLM_NAMES)
+def test_llm_pairs_that_fit_score_as_cross_encoder_predict(llm_loaded, name):
+    reference, scorer = llm_loaded(name)
+    pairs = mixed_pairs()
+    expected = reference.predict(pairs)
+    for batch_size in (4, 32):
+        assert max_diff(scorer.predict(pairs, batch_size=batch_size), expected) <= TOLERANCE
+    results = scorer.score_pairs(pairs)
+    assert all(r.windows == 1 and (r.start, r.end) == (0, len(d)) for r, (_, d) in zip(results, pairs))
+    for prompt in ("", LLM_PROMPTS["short"], "Rank passages about foxes"):
+        assert max_diff(scorer.predict(pairs, prompt=prompt), reference.predict(pairs, prompt=prompt)) <= TOLERANCE
+    if name == "qwen3-llm-reranker":
+        assert max_diff(scorer.predict(pairs, prompt_name="short"),
+                        reference.predict(pairs, prompt_name="short")) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", LLM_NAMES)
+def test_llm_truncate_cuts_as_cross_encoder_predict(llm_loaded, name):
+    reference, scorer = llm_loaded(name)
+    pairs = [(query, document) for query in (QUERIES[0], LONG_QUERY * 3) for document in LONG_DOCUMENTS]
+    pairs += [(LONG_QUERY * 3, TEXTS[0]), (QUERIES[2], TEXTS[1])]
+    assert max_diff(scorer.predict(pairs, truncate=True, batch_size=3), reference.predict(pairs)) <= TOLERANCE
+    results = scorer.score_pairs(pairs, truncate=True)
+    assert all(r.windows == 1 and 0 <= r.start <= r.end <= len(d) for r, (_, d) in zip(results, pairs))
+    assert 0 < results[0].end < len(LONG_DOCUMENTS[0])
+    assert (results[-3].start, results[-3].end) == (0, 0)  # a query that long leaves no room for the document
+    assert (results[-1].start, results[-1].end) == (0, len(TEXTS[1]))
+
+
+@pytest.mark.parametrize("name", LLM_NAMES)
+def test_llm_long_documents_score_their_best_window(llm_loaded, name):
+    reference, scorer = llm_loaded(name)
+    pairs = [(query, document) for query in QUERIES[:2] for document in LONG_DOCUMENTS] + short_pairs()[:3]
+    results = scorer.score_pairs(pairs, batch_size=5)
+    assert max_diff(scorer.predict(pairs), [r.score for r in results]) <= TOLERANCE
+    windowed = 0
+    for result, (query, document) in zip(results, pairs):
+        spans = scorer.plan_windows(query, document)
+        if len(spans) == 1:
+            assert spans == [(0, len(document))]
+            continue
+        windowed += 1
+        windows = [(query, document[start:end]) for start, end in spans]
+        # each window fits as sentence-transformers renders it (the template's tokens counted)
+        assert all(reference.preprocess([pair], prompt=LLM_PROMPTS["web"] if name == "qwen3-llm-reranker" else None)
+                   ["input_ids"].shape[1] <= scorer.max_length for pair in windows)
+        assert spans[0][0] == 0 and spans[-1][1] == len(document.rstrip())
+        assert all(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # consecutive windows overlap
+        window_scores = reference.predict(windows)
+        assert result.windows == len(spans) >= 2
+        assert abs(result.score - window_scores.max()) <= TOLERANCE
+        assert (result.start, result.end) == spans[int(window_scores.argmax())]
+    assert windowed == 6
+
+
+@pytest.mark.parametrize("name", LLM_NAMES)
+def test_llm_raw_scores_are_yes_minus_no_of_the_causal_lm(llm_loaded, llm_folders, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference, scorer = llm_loaded(name)
+    pairs = mixed_pairs()
+    instruction = LLM_PROMPTS["web"] if name == "qwen3-llm-reranker" else None
+    tokenizer = AutoTokenizer.from_pretrained(llm_folders[name])
+    model = AutoModelForCausalLM.from_pretrained(llm_folders[name], dtype=torch.float32).eval()
+    texts = [tokenizer.apply_chat_template(([{"role": "system", "content": instruction}] if instruction else [])
+                                           + [{"role": "query", "content": q}, {"role": "document", "content": d}],
+                                           tokenize=False) for q, d in pairs]
+    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    with torch.inference_mode():
+        inputs = tokenizer(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+        logits = model(**inputs).logits[:, -1]
+    raw = scorer.predict(pairs, activate=False)
+    assert max_diff(raw, (logits[:, yes] - logits[:, no]).numpy()) <= TOLERANCE
+    assert max_diff(raw, reference.predict(pairs, activation_fn=torch.nn.Identity())) <= TOLERANCE
+    assert max_diff(scorer.predict(pairs), torch.sigmoid(torch.from_numpy(raw)).numpy()) <= TOLERANCE
+
+
+def test_llm_rank_and_limits(llm_loaded):
+    reference, scorer = llm_loaded("qwen3-llm-reranker")
+    documents = TEXTS + LONG_DOCUMENTS
+    expected = reference.rank(QUERIES[0], documents, top_k=4, return_documents=True)
+    ranked = scorer.rank(QUERIES[0], documents, top_k=4, return_documents=True, truncate=True)
+    assert [r["corpus_id"] for r in ranked] == [r["corpus_id"] for r in expected]
+    assert max_diff([r["score"] for r in ranked], [r["score"] for r in expected]) <= TOLERANCE
+    with pytest.raises(ValueError, match=r"the query in its prompt template has \d+ tokens, more than half"):
+        scorer.predict([(LONG_QUERY, LONG_DOCUMENTS[0])])
+    with pytest.raises(ValueError, match="scores pairs, not single texts"):
+        scorer.plan_texts(["a single text"])
+    with pytest.raises(ValueError, match="document 0 is empty"):
+        scorer.predict([(QUERIES[0], "")])
+
+
+def test_llm_folders_that_cannot_be_honoured_are_refused(llm_folders, tmp_path):
+    saved = llm_folders["qwen3-llm-reranker"]
+    cases = {
+        "drops-document": ("<|im_start|>user\n{{ messages | selectattr('role', 'eq', 'query') "
+                           "| map(attribute='content') | first }}<|im_end|>", "cannot carry a 'query'/'document' pair"),
+        "trims": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}",
+                  "must place them verbatim"),
+    }
+    for label, (chat_template, message) in cases.items():
+        folder = tmp_path / label
+        shutil.copytree(saved, folder)
+        (folder / "chat_template.jinja").write_text(chat_template)
+        with pytest.raises(UnsupportedModelError, match=re.escape(str(folder)) + ".*" + re.escape(message)):
+            CrossEncoderScorer(str(folder), device="cpu")
+    other = copy_with_changes(saved, tmp_path / "logits", "1_LogitScore/config.json", module_input_name="scores")
+    with pytest.raises(UnsupportedModelError, match=re.escape(other) + ".*LogitScore module.*module_input_name"):
+        CrossEncoderScorer(other, device="cpu")
+    alone = copy_with_changes(saved, tmp_path / "alone", "modules.json")
+    modules = json.loads((tmp_path / "alone" / "modules.json").read_text())[:1]
+    (tmp_path / "alone" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(UnsupportedModelError, match=re.escape(alone) + ".*without a LogitScore module"):
+        CrossEncoderScorer(alone, device="cpu")
+    classifier = copy_with_changes(saved, tmp_path / "classifier", "sentence_bert_config.json",
+                                   transformer_task="sequence-classification")
+    with pytest.raises(UnsupportedModelError, match="LogitScore module needs a 'text-generation' Transformer"):
+        CrossEncoderScorer(classifier, device="cpu")

@@ -7,6 +7,11 @@ key or old, or none), one saved by sentence-transformers 6 itself (``modules.jso
 ``config_sentence_transformers.json`` with ``activation_fn``, a default prompt), an XLM-RoBERTa
 reranker with a SentencePiece-style Unigram tokenizer, and 3-label classifiers. The tests compare
 the project against ``CrossEncoder(folder)`` on these folders.
+
+``LLM_RERANKERS``: a Qwen3-Reranker style LLM reranker (a 2-layer random ``Qwen3ForCausalLM``, a
+byte-level BPE tokenizer with "yes" and "no" tokens and Qwen3-Reranker's chat template, an
+instruction as the default prompt) saved by sentence-transformers 6 (``Transformer`` plus
+``LogitScore``), and the same folder before sentence-transformers saved it (plain ``transformers``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from st_folders import HIDDEN, INIT_RANGE, copy_minilm_tokenizer, save_unigram_tokenizer, write_json
+from st_folders import HIDDEN, INIT_RANGE, TRAINING_TEXT, copy_minilm_tokenizer, save_unigram_tokenizer, write_json
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 SIGMOID = "torch.nn.modules.activation.Sigmoid"
@@ -119,10 +124,82 @@ RERANKERS: tuple[RerankerSpec, ...] = (
 )
 
 
-def build_rerankers(root: Path, minilm_path: str) -> dict[str, str]:
+#: Qwen3-Reranker's chat template, as sentence-transformers 6 takes it: the pair's ``query`` and
+#: ``document`` messages, the prompt (the instruction) as the ``system`` message, else a default one.
+QWEN3_RERANKER_TEMPLATE = (
+    "{%- set instruction = messages | selectattr('role', 'eq', 'system') | map(attribute='content') | first -%}\n"
+    "{%- set query = messages | selectattr('role', 'eq', 'query') | map(attribute='content') | first -%}\n"
+    "{%- set document = messages | selectattr('role', 'eq', 'document') | map(attribute='content') | first -%}\n"
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+    "<Instruct>: {{ instruction or 'Given a web search query, retrieve relevant passages that answer the query' }}\n"
+    "<Query>: {{ query }}\n<Document>: {{ document }}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+#: The LLM reranker's prompts: an instruction, the default one.
+LLM_PROMPTS = {"web": "Given a web search query, retrieve relevant passages that answer the query",
+               "short": "Find the answer"}
+
+
+def save_chatml_tokenizer(folder: Path) -> int:
+    """A byte-level BPE tokenizer in Qwen's manner (no special tokens added, ChatML control tokens)
+    trained so that Qwen3-Reranker's template takes few tokens and "yes" and "no" are tokens; its
+    chat template is ``QWEN3_RERANKER_TEMPLATE``. Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    template_text = (QWEN3_RERANKER_TEMPLATE.split("-%}\n")[-1] + " ".join(LLM_PROMPTS.values())
+                     + ' "yes" "no" yes no\n')
+    backend.train_from_iterator([TRAINING_TEXT, template_text * 40], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        model_max_length=131072)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer.chat_template = QWEN3_RERANKER_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return backend.get_vocab_size()
+
+
+def qwen3_llm_plain(folder: Path, minilm_path: str) -> None:
+    """Qwen3-Reranker as the hub has it without sentence-transformers' files: a ``Qwen3ForCausalLM``
+    (positions 256) and its tokenizer with the chat template; sentence-transformers scores it with
+    "yes" minus "no" and no prompt."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = save_chatml_tokenizer(folder)
+    torch.manual_seed(26)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=256,
+                         initializer_range=INIT_RANGE, tie_word_embeddings=False)
+    Qwen3ForCausalLM(config).eval().save_pretrained(folder)
+
+
+def qwen3_llm_reranker(folder: Path, minilm_path: str) -> None:
+    """The Qwen3-Reranker folder saved by sentence-transformers 6 (``CrossEncoder.save``): Transformer
+    (``text-generation``, the ``message`` modality) and LogitScore ("yes" minus "no"), the instruction
+    as the default prompt, ``max_length`` 192."""
+    from sentence_transformers import CrossEncoder
+
+    source = folder.parent / (folder.name + "-source")
+    qwen3_llm_plain(source, minilm_path)
+    model = CrossEncoder(str(source), max_length=192, prompts=LLM_PROMPTS, default_prompt_name="web", device="cpu")
+    model.save(str(folder))
+
+
+LLM_RERANKERS: tuple[RerankerSpec, ...] = (
+    RerankerSpec("qwen3-llm-reranker", qwen3_llm_reranker, num_labels=1, max_length=192),
+    RerankerSpec("qwen3-llm-plain", qwen3_llm_plain, num_labels=1, max_length=256),
+)
+
+
+def build_rerankers(root: Path, minilm_path: str, specs: tuple[RerankerSpec, ...] = RERANKERS) -> dict[str, str]:
     """Every reranker setup's folder under ``root``, by setup name."""
     paths = {}
-    for spec in RERANKERS:
+    for spec in specs:
         spec.build(root / spec.name, minilm_path)
         paths[spec.name] = str(root / spec.name)
     return paths
