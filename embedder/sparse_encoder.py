@@ -70,7 +70,9 @@ class SparseFolder:
     transformer_path: the masked-LM and its tokenizer. max_seq_length: the module's length, if set.
     pooling_strategy / activation_function: the SpladePooling module. max_active_dims: the model's
     default top-k (``None``: keep every non-zero). prompts / default_prompt_name: from
-    ``config_sentence_transformers.json``.
+    ``config_sentence_transformers.json``. splade_route / static_routes / default_route: a ``Router``'s
+    masked-LM route, its ``SparseStaticEmbedding`` routes (name -> module folder) and default route
+    (inference-free SPLADE); ``None`` / empty for a plain SPLADE folder.
     """
 
     model_name: str
@@ -84,6 +86,14 @@ class SparseFolder:
     do_lower_case: bool = False
     tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
     config_kwargs: dict[str, Any] = field(default_factory=dict)
+    splade_route: str | None = None
+    static_routes: dict[str, str] = field(default_factory=dict)
+    default_route: str | None = None
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The routes a request may pick (``task``), for an inference-free (Router) folder; else none."""
+        return () if self.splade_route is None else (self.splade_route, *self.static_routes)
 
 
 def is_sparse_encoder_folder(model_name: str | Path) -> bool:
@@ -129,26 +139,80 @@ def _read_mlm_transformer(model_name: str, path: str, name: str) -> dict[str, An
     return config
 
 
+def _router_routes(model_name: str, router_dir: str) -> tuple[dict[str, tuple[str, list[str], list[str]]], str | None]:
+    """A ``Router``'s routes (name -> kind ``splade`` or ``static``, module class names, module paths)
+    and its default route, from ``router_config.json``."""
+    where = f"{model_name}/{_join(router_dir, 'router_config.json')}"
+    config = read_json(model_name, _join(router_dir, "router_config.json"))
+    if not isinstance(config, dict) or not isinstance(config.get("structure"), dict) or not config["structure"]:
+        raise UnsupportedModelError(f"{where}: a Router without routes")
+    types = config.get("types") or {}
+    parameters = config.get("parameters") or {}
+    if parameters.get("route_mappings"):
+        raise UnsupportedModelError(f"{where}: Router route_mappings {parameters['route_mappings']!r} are not "
+                                    "supported (only routes picked by their name, query / document)")
+    routes = {}
+    for route, paths in config["structure"].items():
+        names = []
+        for path in paths:
+            kind = str(types.get(path, ""))
+            name = kind.rsplit(".", 1)[-1]
+            if not kind.startswith("sentence_transformers.") or name not in (*SPARSE_MODULES, "SparseStaticEmbedding"):
+                raise UnsupportedModelError(
+                    f"{model_name}: module {kind!r} (Router route {route!r}, path {path!r}) is not supported by "
+                    "embedding-cluster's sparse encoder; supported routes: SparseStaticEmbedding, or a masked-LM "
+                    "Transformer then SpladePooling")
+            names.append(name)
+        if names == ["SparseStaticEmbedding"]:
+            kind = "static"
+        elif len(names) == 2 and names[0] in MLM_MODULES and names[1] == "SpladePooling":
+            kind = "splade"
+        else:
+            raise UnsupportedModelError(f"{where}: route {route!r} has modules {names}, not SparseStaticEmbedding "
+                                        "nor a masked-LM Transformer then SpladePooling")
+        routes[str(route)] = (kind, names, [_join(router_dir, str(path)) for path in paths])
+    default = parameters.get("default_route")
+    if default is None and parameters.get("allow_empty_key", True):
+        default = next(iter(routes))
+    if default is not None and default not in routes:
+        raise UnsupportedModelError(f"{where}: default_route {default!r} is not one of its routes {sorted(routes)}")
+    return routes, default
+
+
 def read_sparse_folder(model_name: str | Path) -> SparseFolder:
     """What ``SparseEncoder(model_name)`` builds, as data; ``UnsupportedModelError`` for anything
-    that cannot be reproduced."""
+    that cannot be reproduced. A ``Router`` (inference-free SPLADE) may have one masked-LM +
+    SpladePooling route and any number of ``SparseStaticEmbedding`` routes."""
     model_name = str(model_name)
     if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
         raise UnsupportedModelError(f"{model_name}: no such folder")
     modules = read_json(model_name, "modules.json")
     if not isinstance(modules, list) or not modules:
         raise UnsupportedModelError(f"{model_name}: no modules.json listing a SparseEncoder's modules")
-    names = [_module_name(model_name, entry) for entry in modules]
-    if len(names) != 2 or names[0] not in MLM_MODULES or names[1] != "SpladePooling":
-        raise UnsupportedModelError(f"{model_name}: modules {names} are not a masked-LM Transformer followed by "
-                                    "SpladePooling (the only sparse encoder embedding-cluster reproduces)")
     settings = read_json(model_name, "config_sentence_transformers.json") or {}
     model_type = settings.get("model_type", "SentenceTransformer")
+    static_routes: dict[str, str] = {}
+    splade_route = default_route = None
+    if len(modules) == 1 and str(modules[0].get("type", "")).rsplit(".", 1)[-1] == "Router" and \
+            str(modules[0].get("type", "")).startswith("sentence_transformers."):
+        routes, default_route = _router_routes(model_name, str(modules[0].get("path", "")))
+        splade = [route for route, (kind, _, _) in routes.items() if kind == "splade"]
+        if len(splade) != 1:
+            raise UnsupportedModelError(f"{model_name}: a Router with {len(splade)} masked-LM routes (one is supported)")
+        splade_route = splade[0]
+        _, names, paths = routes[splade_route]
+        static_routes = {route: paths[0] for route, (kind, _, paths) in routes.items() if kind == "static"}
+    else:
+        names = [_module_name(model_name, entry) for entry in modules]
+        if len(names) != 2 or names[0] not in MLM_MODULES or names[1] != "SpladePooling":
+            raise UnsupportedModelError(f"{model_name}: modules {names} are not a masked-LM Transformer followed by "
+                                        "SpladePooling (the only sparse encoder embedding-cluster reproduces)")
+        paths = [str(entry.get("path", "")) for entry in modules]
     if model_type != "SparseEncoder":
         raise UnsupportedModelError(f"{model_name}: a {model_type} model, not a SparseEncoder")
-    transformer_dir = str(modules[0].get("path", ""))
+    transformer_dir = paths[0]
     transformer = _read_mlm_transformer(model_name, transformer_dir, names[0])
-    pooling_path = _join(str(modules[1].get("path", "")), "config.json")
+    pooling_path = _join(paths[1], "config.json")
     pooling = read_json(model_name, pooling_path) or {}
     strategy = pooling.get("pooling_strategy", "max")
     activation = pooling.get("activation_function", "relu")
@@ -180,6 +244,10 @@ def read_sparse_folder(model_name: str | Path) -> SparseFolder:
         do_lower_case=bool(transformer.get("do_lower_case", False)),
         tokenizer_kwargs=dict(transformer.get("processor_kwargs", transformer.get("tokenizer_args")) or {}),
         config_kwargs=dict(transformer.get("config_kwargs", transformer.get("config_args")) or {}),
+        splade_route=splade_route,
+        static_routes={route: (model_name if not path else str(Path(model_name) / path))
+                       for route, path in static_routes.items()},
+        default_route=default_route,
     )
 
 
@@ -272,6 +340,8 @@ class SparseEncoderModel:
         self.type_vocab_size = number_of_token_type_embeddings(self.config)
         self.max_positions = usable_positions(self.config)
         self.pad_token_id = self.indexer.pad_token_id
+        self.static_routes = {route: StaticRoute.load(path, self.vocab_size)
+                              for route, path in folder.static_routes.items()}
 
     @property
     def tokenizer(self):
@@ -296,6 +366,36 @@ class SparseEncoderModel:
         return self.indexer.fold(list(texts), truncate=truncate, truncation_direction=truncation_direction,
                                  prompt=self.prompt(prompt_name, prompt))
 
+    def route(self, task: str | None = None) -> str | None:
+        """The route ``task`` picks (``None``: the folder's default route), as sentence-transformers'
+        ``Router`` picks it by name; ``None`` for a folder without a Router. ``ValueError`` for an
+        unknown route."""
+        if not self.folder.routes:
+            return None
+        if task is None:
+            if self.folder.default_route is None:
+                raise ValueError(f"this model has routes {list(self.folder.routes)} and no default: give a task")
+            return self.folder.default_route
+        if task not in self.folder.routes:
+            raise ValueError(f"unknown task {task!r}; this model's routes are {list(self.folder.routes)}")
+        return task
+
+    def encode_query(self, texts: str | Sequence[str], *, prompt_name: str | None = None,
+                     prompt: str | None = None, **kwargs: Any) -> scipy.sparse.csr_matrix:
+        """``SparseEncoder.encode_query``: the ``query`` prompt when the model has one, the ``query`` route."""
+        if prompt_name is None and prompt is None and "query" in self.folder.prompts:
+            prompt_name = "query"
+        return self.encode(texts, prompt_name=prompt_name, prompt=prompt, task="query", **kwargs)
+
+    def encode_document(self, texts: str | Sequence[str], *, prompt_name: str | None = None,
+                        prompt: str | None = None, **kwargs: Any) -> scipy.sparse.csr_matrix:
+        """``SparseEncoder.encode_document``: the first of the ``document``, ``passage`` and ``corpus``
+        prompts the model has, the ``document`` route."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next((name for name in ("document", "passage", "corpus") if name in self.folder.prompts),
+                               None)
+        return self.encode(texts, prompt_name=prompt_name, prompt=prompt, task="document", **kwargs)
+
     def encode(
         self,
         texts: str | Sequence[str],
@@ -305,14 +405,23 @@ class SparseEncoderModel:
         prompt_name: str | None = None,
         prompt: str | None = None,
         max_active_dims: int | None = None,
+        task: str | None = None,
         max_batch_tokens: int = 2048,
         max_inputs_per_group: int = 64,
     ) -> scipy.sparse.csr_matrix:
         """``[n, vocab]`` float32 sparse vectors (one row for one string), as
-        ``SparseEncoder.encode(texts, prompt_name=..., prompt=..., max_active_dims=...)``."""
+        ``SparseEncoder.encode(texts, prompt_name=..., prompt=..., max_active_dims=..., task=...)``.
+        ``task`` picks a Router's route (a model without one ignores it, as sentence-transformers does)."""
         single = isinstance(texts, str)
+        route = self.route(task)
         if not single and len(texts) == 0:
             return scipy.sparse.csr_matrix((0, self.vocab_size), dtype=np.float32)
+        if route in self.static_routes:
+            k = check_max_active_dims(max_active_dims)
+            rows = self.static_routes[route].encode([texts] if single else list(texts),
+                                                    self.prompt(prompt_name, prompt), truncate=truncate)
+            k = self.folder.max_active_dims if k is None else k
+            return rows if k is None else to_csr(top_k_rows(torch.from_numpy(rows.toarray()), k))
         batch = self.fold([texts] if single else texts, truncate=truncate, truncation_direction=truncation_direction,
                           prompt_name=prompt_name, prompt=prompt)
         return self.encode_folded(batch, max_active_dims=max_active_dims, max_batch_tokens=max_batch_tokens,
@@ -388,6 +497,49 @@ class SparseEncoderModel:
         """One vector's non-zero dimensions as ``(token, weight)``, largest weight first, at most
         ``top_k`` of them: ``SparseEncoder.decode`` for one embedding."""
         return decode_row(self.tokenizer, row, top_k)
+
+
+@dataclass
+class StaticRoute:
+    """sentence-transformers' ``SparseStaticEmbedding`` (the query route of inference-free SPLADE): each
+    token present in the text (its tokenizer, no special tokens) weighs its static weight."""
+
+    tokenizer: Any
+    weight: np.ndarray
+
+    @classmethod
+    def load(cls, path: str, vocab_size: int) -> "StaticRoute":
+        from safetensors.torch import load_file
+
+        files = [Path(path) / name for name in ("model.safetensors", "pytorch_model.bin")]
+        found = next((file for file in files if file.exists()), None)
+        if found is None:
+            raise UnsupportedModelError(f"{path}: a SparseStaticEmbedding without model.safetensors")
+        state = load_file(str(found)) if found.suffix == ".safetensors" else torch.load(found, weights_only=True)
+        weight = state["weight"].float().numpy()
+        if weight.shape != (vocab_size,):
+            raise UnsupportedModelError(f"{path}: SparseStaticEmbedding weights of shape {weight.shape}, but the "
+                                        f"masked-LM's vocabulary has {vocab_size} entries")
+        return cls(tokenizer=get_tokenizer(path), weight=weight)
+
+    def encode(self, texts: list[str], prompt: str | None, *, truncate: bool) -> scipy.sparse.csr_matrix:
+        """``[n, vocab]`` rows; ``truncate``: only the tokenizer's ``model_max_length`` first tokens count,
+        as sentence-transformers cuts them (else every token of the text)."""
+        if prompt:
+            texts = [prompt + text for text in texts]
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=truncate)["input_ids"]
+        indptr, indices, values = [0], [], []
+        for ids in encoded:
+            present = np.unique(np.asarray(ids, dtype=np.int64))
+            weights = self.weight[present]
+            keep = weights != 0
+            indices.append(present[keep])
+            values.append(weights[keep])
+            indptr.append(indptr[-1] + int(keep.sum()))
+        return scipy.sparse.csr_matrix(
+            (np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32),
+             np.concatenate(indices).astype(np.int32) if indices else np.zeros(0, np.int32), np.asarray(indptr)),
+            shape=(len(texts), len(self.weight)))
 
 
 def sparse_row(row: scipy.sparse.spmatrix | np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

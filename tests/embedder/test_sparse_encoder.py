@@ -4,7 +4,8 @@ On every folder of ``sparse_folders.SPARSE_SETUPS``: vectors equal ``SparseEncod
 to 1e-5 at fp32 with the same non-zero set (short inputs, truncated long ones, prompts);
 long inputs, folded, equal SpladePooling over the plain ``transformers`` masked-LM run on each
 segment alone (the segments cut from the tokenizer's own wordpieces, not by the project's fold);
-``max_active_dims`` and ``decode`` equal sentence-transformers'; refused folders name the module.
+``max_active_dims`` and ``decode`` equal sentence-transformers'; inference-free SPLADE (a ``Router``)
+equals ``encode_query`` / ``encode_document`` / ``encode``; refused folders name the module.
 """
 
 from __future__ import annotations
@@ -183,4 +184,40 @@ def test_feature_extraction_transformer_is_refused(sparse_folders, tmp_path):
     shutil.copytree(sparse_folders["st6-saved"], folder)
     write_json(folder / "sentence_bert_config.json", {"transformer_task": "feature-extraction"})
     with pytest.raises(UnsupportedModelError, match="fill-mask"):
+        read_sparse_folder(str(folder))
+
+
+def test_inference_free_routes_equal_sparse_encoder(sparse_folders):
+    """The Router folder: the static query route (token presence times its weight, the query prompt),
+    the masked-LM document route, the default route (document), and max_active_dims on each."""
+    folder = sparse_folders["inference-free"]
+    model = ours(folder)
+    st = reference(folder)
+    assert model.folder.routes == ("document", "query") and model.max_length == 40
+    texts = TEXTS + LONG_TEXTS
+    queries = model.encode_query(texts).toarray()
+    assert_same_vectors(queries, st.encode_query(texts, convert_to_tensor=True).to_dense().numpy())
+    assert (queries != 0).sum(1).max() < 60
+    assert_same_vectors(model.encode_document(texts, truncate=True).toarray(),
+                        st.encode_document(texts, convert_to_tensor=True).to_dense().numpy())
+    assert_same_vectors(model.encode(texts, truncate=True).toarray(), st_encode(folder, texts))
+    assert_same_vectors(model.encode(texts, task="query", prompt_name="query").toarray(), queries)
+    assert_same_vectors(model.encode_query(TEXTS, max_active_dims=3).toarray(),
+                        st.encode_query(TEXTS, convert_to_tensor=True, max_active_dims=3).to_dense().numpy())
+    long_documents = model.encode_document(LONG_TEXTS).toarray()
+    for text, vector in zip(LONG_TEXTS, long_documents):
+        assert_same_vectors(vector[None], masked_lm_reference(folder, text, 40, None)[None])
+    with pytest.raises(ValueError, match="unknown task"):
+        model.encode(TEXTS, task="passage")
+
+
+def test_router_with_route_mappings_is_refused(sparse_folders, tmp_path):
+    import json
+
+    folder = tmp_path / "mapped"
+    shutil.copytree(sparse_folders["inference-free"], folder)
+    config = json.loads((folder / "router_config.json").read_text())
+    config["parameters"]["route_mappings"] = {"query|text": "query"}
+    write_json(folder / "router_config.json", config)
+    with pytest.raises(UnsupportedModelError, match="route_mappings"):
         read_sparse_folder(str(folder))

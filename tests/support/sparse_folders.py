@@ -7,8 +7,9 @@ files of a ``SparseEncoder``: ``modules.json`` (the masked-LM ``MLMTransformer``
 ``Transformer`` with ``transformer_task: fill-mask``, then ``SpladePooling``),
 ``sentence_bert_config.json``, ``1_SpladePooling/config.json`` (``pooling_strategy`` max or sum,
 ``activation_function`` relu or log1p_relu) and ``config_sentence_transformers.json`` with
-``model_type: SparseEncoder`` and prompts. One folder is written by sentence-transformers' own
-``SparseEncoder.save``, one names sentence-transformers 5's module paths
+``model_type: SparseEncoder`` and prompts. Two folders are written by sentence-transformers' own
+``SparseEncoder.save`` (one of them inference-free SPLADE: a ``Router`` with a ``SparseStaticEmbedding``
+query route), one names sentence-transformers 5's module paths
 (``sentence_transformers.sparse_encoder.models.*``). The tests compare the project against
 ``SparseEncoder(folder).encode`` on these folders.
 """
@@ -149,6 +150,28 @@ def st6_saved(folder: Path, minilm_path: str) -> None:
     model.save(str(folder))
 
 
+def inference_free(folder: Path, minilm_path: str) -> None:
+    """Inference-free SPLADE (opensearch doc-v3 style), written by sentence-transformers' own ``save``: a
+    ``Router`` whose ``query`` route is a ``SparseStaticEmbedding`` (random static weights, a quarter of
+    them zero) and whose ``document`` route (the default) is ``Transformer`` (fill-mask, ``max_seq_length``
+    40) + ``SpladePooling`` (max); a ``query`` prompt."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import Router, SparseStaticEmbedding, SpladePooling, Transformer
+    from transformers import AutoTokenizer
+
+    source = folder.parent / (folder.name + "-source")
+    save_bert_mlm(source, minilm_path, seed=37)
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    generator = torch.Generator().manual_seed(38)
+    weight = torch.rand(tokenizer.vocab_size, generator=generator) * 3
+    weight[torch.rand(tokenizer.vocab_size, generator=generator) < 0.25] = 0
+    router = Router.for_query_document(
+        query_modules=[SparseStaticEmbedding(tokenizer, weight=weight, frozen=True)],
+        document_modules=[Transformer(str(source), transformer_task="fill-mask", max_seq_length=40),
+                          SpladePooling(pooling_strategy="max")])
+    SparseEncoder(modules=[router], prompts={"query": "q: "}, device="cpu").save(str(folder))
+
+
 SPARSE_SETUPS: tuple[SparseSpec, ...] = (
     SparseSpec("bert-splade-max", bert_splade_max, SPARSE_PROMPTS),
     SparseSpec("bert-splade-sum", bert_splade_sum),
@@ -159,10 +182,14 @@ SPARSE_SETUPS: tuple[SparseSpec, ...] = (
 )
 
 
+#: Built by ``build_sparse`` beside the setups above (its routes are tested on their own).
+INFERENCE_FREE = SparseSpec("inference-free", inference_free, {"query": "q: "})
+
+
 def build_sparse(root: Path, minilm_path: str) -> dict[str, str]:
     """Every SPLADE setup's folder under ``root``, by setup name."""
     paths = {}
-    for spec in SPARSE_SETUPS:
+    for spec in (*SPARSE_SETUPS, INFERENCE_FREE):
         spec.build(root / spec.name, minilm_path)
         paths[spec.name] = str(root / spec.name)
     return paths
