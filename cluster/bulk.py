@@ -117,22 +117,35 @@ def written_columns(output_column: str, chunks: Chunking | None) -> dict[str, st
     return written | dict.fromkeys(_INTERNAL, "internal")
 
 
-def check_input_columns(columns: Iterable[str], output_column: str = EMBEDDING_COLUMN,
-                        chunks: Chunking | None = None) -> None:
-    """Refuse an input that already has a column the job writes: it would be overwritten, or read as
-    the job's own (a user ``error`` column would fail every row that has a value there)."""
-    written = written_columns(output_column, chunks)
+def refuse_written_columns(columns: Iterable[str], written: dict[str, str], job: str) -> None:
+    """Refuse an input that already has a column ``job`` writes (``written``: each one and what it
+    holds): it would be overwritten, or read as the job's own (a user ``error`` column would fail
+    every row that has a value there)."""
     clashes = [name for name in columns if name in written]
     if clashes:
         described = ", ".join(f"{name!r} ({written[name]})" for name in clashes)
         raise ValueError(f"the input already has the column{'s' * (len(clashes) > 1)} {described}, which the "
-                         "embedding job writes itself; rename that column in the input so that it is kept")
+                         f"{job} job writes itself; rename that column in the input so that it is kept")
+
+
+def check_input_columns(columns: Iterable[str], output_column: str = EMBEDDING_COLUMN,
+                        chunks: Chunking | None = None) -> None:
+    """``refuse_written_columns`` for the embedding job."""
+    refuse_written_columns(columns, written_columns(output_column, chunks), "embedding")
 
 
 def row_problem(value: Any) -> str | None:
     """Why a row's text cannot be embedded (the serving path's rule), or ``None``."""
     problem = text_problem(value)
     return None if problem is None else f"text {problem}"
+
+
+def pop_input_errors(table: pa.Table) -> tuple[pa.Table, list[str | None]]:
+    """``table`` without ``INPUT_ERROR_COLUMN``, and why each row could not be read (``None`` for
+    every row of a table without that column): a job's first stage makes it the row's ``error``."""
+    if INPUT_ERROR_COLUMN not in table.column_names:
+        return table, [None] * table.num_rows
+    return table.drop_columns([INPUT_ERROR_COLUMN]), table.column(INPUT_ERROR_COLUMN).to_pylist()
 
 
 class TokenizeStage:
@@ -152,12 +165,9 @@ class TokenizeStage:
         if self._text_column not in table.column_names:
             raise KeyError(f"the dataset has no column {self._text_column!r}; it has {table.column_names}")
         check_input_columns(table.column_names, self._output_column, self._chunking)
+        table, earlier = pop_input_errors(table)
         texts = table.column(self._text_column).to_pylist()
-        earlier = (table.column(INPUT_ERROR_COLUMN).to_pylist() if INPUT_ERROR_COLUMN in table.column_names
-                   else [None] * len(texts))
         problems = [before or row_problem(t) for before, t in zip(earlier, texts)]
-        if INPUT_ERROR_COLUMN in table.column_names:
-            table = table.drop_columns([INPUT_ERROR_COLUMN])
         if self._chunking is not None and self._chunking.context == "chunk":
             table, texts, problems = self._split_into_chunks(table, texts, problems)
         valid = [i for i, problem in enumerate(problems) if problem is None]
@@ -361,6 +371,15 @@ def default_pool_sizes(model: ModelConfig, tokenize_cpus: float) -> tuple[int, i
     return tokenizers, encoders
 
 
+def model_stage_options(model: ModelConfig, actors: int, blocks_at_once: int = 1) -> dict[str, Any]:
+    """``map_batches`` options of a stage whose ``actors`` each hold ``model``: the model's
+    resources per actor, ``blocks_at_once`` blocks each (on threads of their own when more than one)."""
+    return {"compute": ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=blocks_at_once,
+                                         enable_true_multi_threading=blocks_at_once > 1),
+            "num_cpus": model.num_cpus, "num_gpus": model.num_gpus or None,
+            **({"resources": dict(model.resources)} if model.resources else {})}
+
+
 def embed_dataset(
     ds: Dataset,
     model: ModelConfig | str | None = None,
@@ -444,9 +463,5 @@ def embed_dataset(
                                "text_column": text_column, "chunking": chunks},
         batch_format="pyarrow",
         batch_size=batch_size,
-        compute=ActorPoolStrategy(size=encode_actors, max_concurrent_calls_per_actor=blocks_at_once,
-                                  enable_true_multi_threading=blocks_at_once > 1),
-        num_cpus=model.num_cpus,
-        num_gpus=model.num_gpus or None,
-        **({"resources": dict(model.resources)} if model.resources else {}),
+        **model_stage_options(model, encode_actors, blocks_at_once),
     )

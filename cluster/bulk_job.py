@@ -1,11 +1,12 @@
-"""The ``embedding-cluster embed`` job: files in, parquet parts out, resumable.
+"""The bulk jobs (``embedding-cluster embed`` and ``score``): files in, parquet parts out, resumable.
 
-Results stream back from ``embed_dataset`` and are written as parquet parts,
-each first to a temporary name and then renamed, so a part that exists is
-complete. ``resume`` keeps the parts of an earlier run and embeds only the
-rows whose ids they do not hold. Before any embedding, one pass over the input
-refuses columns the job would write itself and, with an id column, ids that
-are missing or not unique (resume could not tell those rows apart).
+``run_job`` is their one path: the results of the job's ``map_batches`` stages
+(``embed_dataset``, ``bulk_score.score_dataset``) stream back and are written
+as parquet parts, each first to a temporary name and then renamed, so a part
+that exists is complete. ``resume`` keeps the parts of an earlier run and runs
+only the rows whose ids they do not hold. Before any work, one pass over the
+input refuses columns the job would write itself and, with an id column, ids
+that are missing or not unique (resume could not tell those rows apart).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +54,7 @@ class BulkSummary:
     rows_in: int = 0
     rows_out: int = 0
     rows_with_error: int = 0
-    tokens: int = 0
+    tokens: int | None = None
     seconds: float = 0.0
     rows_resumed: int = 0
     chunks: int | None = None
@@ -60,14 +62,16 @@ class BulkSummary:
     def line(self) -> str:
         return (f"rows in: {self.rows_in}, rows out: {self.rows_out}, rows with an error: {self.rows_with_error}, "
                 + (f"chunks: {self.chunks}, " if self.chunks is not None else "")
-                + f"tokens: {self.tokens}, seconds: {self.seconds:.1f}"
+                + (f"tokens: {self.tokens}, " if self.tokens is not None else "")
+                + f"seconds: {self.seconds:.1f}"
                 + (f" ({self.rows_resumed} rows kept from an earlier run)" if self.rows_resumed else ""))
 
     def add(self, table: pa.Table) -> None:
         documents = _document_starts(table)
         self.rows_out += len(documents)
         self.rows_with_error += table.num_rows - table.column(ERROR_COLUMN).null_count
-        self.tokens += int(pc.sum(table.column(TOKENS_COLUMN)).as_py() or 0)
+        if TOKENS_COLUMN in table.column_names:
+            self.tokens = (self.tokens or 0) + int(pc.sum(table.column(TOKENS_COLUMN)).as_py() or 0)
         if CHUNK_INDEX in table.column_names:
             self.chunks = (self.chunks or 0) + table.column(ERROR_COLUMN).null_count
 
@@ -86,8 +90,9 @@ def _collect_finished_parts(output: Path, id_column: str, summary: BulkSummary) 
     ids = []
     for part in sorted(output.glob(PART_GLOB)):
         try:
-            chunked = CHUNK_INDEX in pq.read_schema(part).names
-            table = pq.read_table(part, columns=[id_column, ERROR_COLUMN, TOKENS_COLUMN, *[CHUNK_INDEX] * chunked])
+            names = pq.read_schema(part).names
+            table = pq.read_table(part, columns=[id_column, ERROR_COLUMN,
+                                                 *(c for c in (TOKENS_COLUMN, CHUNK_INDEX) if c in names)])
         except Exception as error:  # a part cut short by a crash: redo its rows
             logger.warning("removing unreadable part %s (%s)", part.name, type(error).__name__)
             part.unlink()
@@ -148,6 +153,69 @@ def _write_part(output: Path, run_id: str, number: int, table: pa.Table, summary
     summary.add(table)
 
 
+def run_job(
+    source: str,
+    output: str | Path,
+    transform: Callable[[Dataset], Dataset],
+    *,
+    text_columns: str | Mapping[str, str],
+    check_columns: Callable[[list[str]], None],
+    id_column: str | None = None,
+    resume: bool = False,
+    rows_per_part: int = 10_000,
+    batch_size: int = 256,
+    show_progress: bool = True,
+    description: str = "embedding",
+) -> BulkSummary:
+    """Every row of ``source`` through ``transform`` (the job's ``map_batches`` stages: one output
+    row per input row, or with chunks whole documents of rows), written as parquet parts under
+    ``output``; Ray must be initialized. ``text_columns`` are read as strings (see
+    ``sources.text_labels``); ``check_columns`` refuses, with a ``ValueError`` before any work, an
+    input column the job writes itself, and with ``id_column`` (or ``resume``, whose default id
+    column is ``id``) null or repeated ids are refused too. ``description`` labels the progress bar."""
+    started = time.monotonic()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = BulkSummary()
+    if any(output.glob(PART_GLOB)) and not resume:
+        raise FileExistsError(f"{output} already holds results; pass --resume to finish that run, "
+                              "or choose an empty folder")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds: Dataset = read_inputs(expand_inputs(source), text_columns)
+    if resume:
+        id_column = id_column or "id"
+    profile = profile_input(ds, id_column)
+    summary.rows_in = profile.rows
+    check_columns(profile.columns)
+    if id_column is not None:
+        if id_column not in profile.columns:
+            raise KeyError(f"--resume needs an id column; the input has no {id_column!r} (use --id-column)"
+                           if resume else f"the input has no id column {id_column!r}; it has "
+                           f"{[name for name in profile.columns if name != INPUT_ERROR_COLUMN]}")
+        _check_ids(profile, id_column)
+    if resume:
+        done = _collect_finished_parts(output, id_column, summary)
+        ds = ds.map_batches(_drop_done, fn_kwargs={"id_column": id_column, "done_ref": ray.put(done)},
+                            batch_format="pyarrow", num_cpus=IO_TASK_CPUS)
+    run_id = uuid.uuid4().hex[:8]
+    results = transform(ds)
+    pending: pa.Table | None = None
+    parts = 0
+    with tqdm(total=summary.rows_in, initial=summary.rows_out, unit="rows", disable=not show_progress,
+              desc=description, dynamic_ncols=True) as progress:
+        for table in results.iter_batches(batch_size=min(batch_size, rows_per_part), batch_format="pyarrow"):
+            pending = table if pending is None else pa.concat_tables([pending, table], promote_options="permissive")
+            progress.update(len(_document_starts(table)))
+            while (cut := _part_end(pending, rows_per_part)) is not None:
+                _write_part(output, run_id, parts, pending.slice(0, cut), summary)
+                pending = pending.slice(cut)
+                parts += 1
+        if pending is not None and pending.num_rows:
+            _write_part(output, run_id, parts, pending, summary)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
 def run_bulk_job(
     source: str,
     output: str | Path,
@@ -166,58 +234,24 @@ def run_bulk_job(
     encode_actors: int | None = None,
     show_progress: bool = True,
 ) -> BulkSummary:
-    """Embed every row of ``source`` into parquet parts under ``output`` (Ray must be initialized).
+    """Embed every row of ``source`` into parquet parts under ``output`` (``run_job``).
     ``prompt_name`` / ``prompt`` choose the prompt as on ``/embed``; with ``chunks`` each document
     gives one row per chunk, and a part always holds whole documents (so ``resume`` works per id).
     Raises ``ValueError`` before any embedding for an input column the job writes itself, and with
     ``id_column`` (or ``resume``, whose default id column is ``id``) for null or repeated ids."""
-    started = time.monotonic()
     model = model.resolved()
     model.prompt(prompt_name, prompt)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    summary = BulkSummary()
-    if any(output.glob(PART_GLOB)) and not resume:
-        raise FileExistsError(f"{output} already holds results; pass --resume to finish that run, "
-                              "or choose an empty folder")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds: Dataset = read_inputs(expand_inputs(source), text_column)
-    if resume:
-        id_column = id_column or "id"
-    profile = profile_input(ds, id_column)
-    summary.rows_in = profile.rows
-    check_input_columns(profile.columns, chunks=chunks)
-    if id_column is not None:
-        if id_column not in profile.columns:
-            raise KeyError(f"--resume needs an id column; the input has no {id_column!r} (use --id-column)"
-                           if resume else f"the input has no id column {id_column!r}; it has "
-                           f"{[name for name in profile.columns if name != INPUT_ERROR_COLUMN]}")
-        _check_ids(profile, id_column)
-    if resume:
-        done = _collect_finished_parts(output, id_column, summary)
-        ds = ds.map_batches(_drop_done, fn_kwargs={"id_column": id_column, "done_ref": ray.put(done)},
-                            batch_format="pyarrow", num_cpus=IO_TASK_CPUS)
-    run_id = uuid.uuid4().hex[:8]
-    weights_user = BULK_WEIGHTS_USER.format(run_id)
-    embedded = embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
+    weights_user = BULK_WEIGHTS_USER.format(uuid.uuid4().hex[:8])
+
+    def embed(ds: Dataset) -> Dataset:
+        return embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
                              prompt_name=prompt_name, prompt=prompt, chunks=chunks, weights_user=weights_user,
                              batch_size=batch_size, encode_actors=encode_actors)
-    pending: pa.Table | None = None
-    parts = 0
+
     try:
-        with tqdm(total=summary.rows_in, initial=summary.rows_out, unit="rows", disable=not show_progress,
-                  desc="embedding", dynamic_ncols=True) as progress:
-            for table in embedded.iter_batches(batch_size=min(batch_size, rows_per_part), batch_format="pyarrow"):
-                pending = table if pending is None else pa.concat_tables([pending, table],
-                                                                         promote_options="permissive")
-                progress.update(len(_document_starts(table)))
-                while (cut := _part_end(pending, rows_per_part)) is not None:
-                    _write_part(output, run_id, parts, pending.slice(0, cut), summary)
-                    pending = pending.slice(cut)
-                    parts += 1
-            if pending is not None and pending.num_rows:
-                _write_part(output, run_id, parts, pending, summary)
+        return run_job(source, output, embed, text_columns=text_column,
+                       check_columns=lambda columns: check_input_columns(columns, chunks=chunks),
+                       id_column=id_column, resume=resume, rows_per_part=rows_per_part, batch_size=batch_size,
+                       show_progress=show_progress, description="embedding")
     finally:
         release_weights(weights_user)
-    summary.seconds = time.monotonic() - started
-    return summary

@@ -8,11 +8,16 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cluster.config import ClusterConfig, load_config
+from cluster.config import ClusterConfig, ModelConfig, load_config
 from cluster.ray_connect import ClusterAuthError, join_ray
 from deployments.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from cluster.bulk_job import BulkSummary
 
 logger = logging.getLogger("embedding_cluster")
 
@@ -88,42 +93,74 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def embed_command(args: argparse.Namespace) -> int:
-    """The bulk job: INPUT files -> OUTPUT parquet parts, with progress and a summary line."""
+def _bulk_command(args: argparse.Namespace, prepare: Callable[[ModelConfig], Callable[[], BulkSummary]]) -> int:
+    """A bulk job (``embed``, ``score``): INPUT files -> OUTPUT parquet parts, with progress and a
+    summary line. ``prepare`` checks the config's model for the job (``KeyError``/``ValueError``
+    before Ray starts) and gives back the job to run on Ray."""
     import ray
 
-    from cluster.bulk import Chunking
-    from cluster.bulk_job import run_bulk_job
-
+    name = f"embedding-cluster {args.command}"
     config = load_config(args.config)
     try:
-        model = (config.model(args.model) if args.model else config.models[0]).resolved()
-        model.prompt(args.prompt_name, args.prompt)
-        chunks = Chunking(args.chunk_size, args.chunk_overlap, args.chunk_context) if args.chunks else None
+        job = prepare(config.model(args.model) if args.model else config.models[0])
     except (KeyError, ValueError) as error:
-        print(f"embedding-cluster embed: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         return 2
     try:
         join_ray(args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
     except ClusterAuthError as error:
-        print(f"embedding-cluster embed: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         return 2
     try:
-        summary = run_bulk_job(args.input, args.output, model, text_column=args.text_column,
-                               id_column=args.id_column, level=args.level, truncate=args.truncate,
-                               prompt_name=args.prompt_name, prompt=args.prompt, chunks=chunks, resume=args.resume, rows_per_part=args.rows_per_part, batch_size=args.batch_size,
-                               encode_actors=args.encode_actors)
+        summary = job()
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
-        print(f"embedding-cluster embed: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         return 2
     finally:
         ray.shutdown()
     print(summary.line(), flush=True)
     if summary.rows_out != summary.rows_in:
-        print(f"embedding-cluster embed: {summary.rows_in - summary.rows_out} rows are missing from the output",
-              file=sys.stderr)
+        print(f"{name}: {summary.rows_in - summary.rows_out} rows are missing from the output", file=sys.stderr)
         return 1
     return 0
+
+
+def _bulk_options(args: argparse.Namespace) -> dict:
+    """The options every bulk job takes, from the command line."""
+    return {"id_column": args.id_column, "resume": args.resume, "rows_per_part": args.rows_per_part,
+            "batch_size": args.batch_size}
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    """The bulk embedding job."""
+    from cluster.bulk import Chunking
+    from cluster.bulk_job import run_bulk_job
+
+    def prepare(model: ModelConfig) -> Callable[[], BulkSummary]:
+        model = model.resolved()
+        model.prompt(args.prompt_name, args.prompt)
+        chunks = Chunking(args.chunk_size, args.chunk_overlap, args.chunk_context) if args.chunks else None
+        return lambda: run_bulk_job(args.input, args.output, model, text_column=args.text_column, level=args.level,
+                                    truncate=args.truncate, prompt_name=args.prompt_name, prompt=args.prompt,
+                                    chunks=chunks, encode_actors=args.encode_actors, **_bulk_options(args))
+
+    return _bulk_command(args, prepare)
+
+
+def score_command(args: argparse.Namespace) -> int:
+    """The bulk reranking job."""
+    from cluster.bulk_score import DEFAULT_MAX_WINDOWS, check_score_options, run_score_job
+
+    max_windows = DEFAULT_MAX_WINDOWS if args.max_windows is None else args.max_windows
+
+    def prepare(model: ModelConfig) -> Callable[[], BulkSummary]:
+        check_score_options(model, args.query_column, args.document_column, args.aggregate, max_windows)
+        return lambda: run_score_job(args.input, args.output, model, query_column=args.query_column,
+                                     document_column=args.document_column, truncate=args.truncate,
+                                     aggregate=args.aggregate, raw_scores=args.raw_scores, max_windows=max_windows,
+                                     score_actors=args.encode_actors, **_bulk_options(args))
+
+    return _bulk_command(args, prepare)
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -141,7 +178,8 @@ def bench_command(args: argparse.Namespace) -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = bench_config(config.model_copy(update={"models": [model]}), port).with_local_threads(os.cpu_count() or 1)
-    report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster)
+    report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster,
+                       reranker=args.reranker)
     print(format_table(report), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -152,6 +190,22 @@ def config_command(args: argparse.Namespace) -> int:
     """Print the default config (or the given one, validated) as YAML."""
     sys.stdout.write(load_config(args.config).to_yaml())
     return 0
+
+
+def _add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every bulk job takes."""
+    parser.add_argument("input", help="a .jsonl/.json/.parquet/.csv/.txt file, a folder or a glob of them")
+    parser.add_argument("output", help="a folder for the parquet parts")
+    parser.add_argument("--model", help="the config's model to use (default: its first)")
+    parser.add_argument("--config", help="a ClusterConfig YAML file (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--id-column", help="the rows' id column, kept and used by --resume (default: id)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the complete parts an interrupted run left in OUTPUT and run the rest")
+    parser.add_argument("--address", help="run on this Ray cluster (HEAD:PORT or 'auto') instead of a local one")
+    parser.add_argument("--rows-per-part", type=int, default=10_000, help="rows per parquet part")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per ray.data batch")
+    parser.add_argument("--encode-actors", type=int,
+                        help="model actors (default: one per GPU, or per model num_cpus free)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,12 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=serve_command)
 
     embed = commands.add_parser("embed", help="bulk job: embed a corpus into parquet with ray.data")
-    embed.add_argument("input", help="a .jsonl/.json/.parquet/.csv/.txt file, a folder or a glob of them")
-    embed.add_argument("output", help="a folder for the parquet parts")
-    embed.add_argument("--model", help="the config's model to use (default: its first)")
-    embed.add_argument("--config", help="a ClusterConfig YAML file (default: the bundled all-MiniLM-L6-v2)")
+    _add_bulk_arguments(embed)
     embed.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
-    embed.add_argument("--id-column", help="the rows' id column, kept and used by --resume (default: id)")
     embed.add_argument("--level", choices=["pooled", "wordpiece"], default="pooled")
     embed.add_argument("--truncate", action="store_true", help="keep only max_length wordpieces of long texts")
     embed.add_argument("--prompt-name", help="one of the model's prompts (default: its default prompt, if any)")
@@ -186,14 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--chunk-overlap", type=int, default=0, help="wordpieces a chunk shares with the last")
     embed.add_argument("--chunk-context", choices=["document", "chunk"], default="document",
                        help="document: late chunking (each chunk pooled from its whole text); chunk: each alone")
-    embed.add_argument("--resume", action="store_true",
-                       help="keep the complete parts an interrupted run left in OUTPUT and embed the rest")
-    embed.add_argument("--address", help="run on this Ray cluster (HEAD:PORT or 'auto') instead of a local one")
-    embed.add_argument("--rows-per-part", type=int, default=10_000, help="rows per parquet part")
-    embed.add_argument("--batch-size", type=int, default=256, help="rows per ray.data batch")
-    embed.add_argument("--encode-actors", type=int,
-                       help="encoder actors (default: one per GPU, or per model num_cpus free)")
     embed.set_defaults(func=embed_command)
+
+    score = commands.add_parser("score", help="bulk job: score (query, document) pairs with a reranker into "
+                                              "parquet with ray.data")
+    _add_bulk_arguments(score)
+    score.add_argument("--query-column", default="query", help="the column holding the queries (default: query)")
+    score.add_argument("--document-column", default="text",
+                       help="the column holding the documents (default: text)")
+    score.add_argument("--truncate", action="store_true",
+                       help="cut long pairs as CrossEncoder.predict does (longest_first) instead of reading windows")
+    score.add_argument("--aggregate", choices=["max", "first", "mean"], default="max",
+                       help="a long document's score from its windows' (default: max, the best window)")
+    score.add_argument("--raw-scores", action="store_true", help="the model's logits, without its activation")
+    score.add_argument("--max-windows", type=int,
+                       help="windows one document may be read in; a row that needs more gets an error "
+                            "(default: 256)")
+    score.set_defaults(func=score_command)
 
     bench = commands.add_parser("bench", help="measure the cluster against the in-process limit and others")
     bench.add_argument("--corpus", help="a .jsonl file with a 'text' field (default: installed docstrings)")
@@ -201,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="a ClusterConfig YAML file (default: the bundled all-MiniLM-L6-v2)")
     bench.add_argument("--quick", action="store_true", help="a small corpus and one run of each")
     bench.add_argument("--no-cluster", action="store_true", help="only the in-process contenders")
+    bench.add_argument("--reranker", help="a cross-encoder folder for the rerank rows (default: the model's "
+                                          "transformer with an untrained one-label head)")
     bench.add_argument("--json", help="also write the report to this file")
     bench.set_defaults(func=bench_command)
 

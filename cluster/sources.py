@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,22 @@ def expand_inputs(source: str) -> list[Path]:
     return files
 
 
-def parse_json_lines(table: pa.Table, text_column: str) -> pa.Table:
+def text_labels(text_columns: str | Mapping[str, str]) -> dict[str, str]:
+    """The text columns a job reads, each with the word its messages use: one column is ``text``
+    (``embed``); a job of several names them (``score``: ``{"query": "query", "text": "document"}``)."""
+    return {text_columns: "text"} if isinstance(text_columns, str) else dict(text_columns)
+
+
+def parse_json_lines(table: pa.Table, text_columns: str | Mapping[str, str]) -> pa.Table:
     """``map_batches`` function: lines of JSON objects -> columns.
 
-    A line that is not a JSON object, or whose text is not a string, becomes a
-    row with a null text and the reason in ``INPUT_ERROR_COLUMN`` (the tokenize stage makes it
-    the row's ``error``), so that it is counted, not lost. Every field of the objects is kept
-    (but one named ``INPUT_ERROR_COLUMN``, which is the parser's).
+    A line that is not a JSON object, or whose text (any of the ``text_columns``, see
+    ``text_labels``) is not a string, becomes a row with that text null and the reason in
+    ``INPUT_ERROR_COLUMN`` (the job's first stage makes it the row's ``error``), so that it is
+    counted, not lost. Every field of the objects is kept (but one named ``INPUT_ERROR_COLUMN``,
+    which is the parser's).
     """
+    labels = text_labels(text_columns)
     records, errors = [], []
     for line in table.column("text").to_pylist():
         try:
@@ -59,16 +68,18 @@ def parse_json_lines(table: pa.Table, text_column: str) -> pa.Table:
             records.append({})
             errors.append("line is not a JSON object")
             continue
-        text = record.get(text_column)
-        if text is not None and not isinstance(text, str):
-            record[text_column] = None
-            errors.append(f"text {text_problem(text)}")
-        else:
-            errors.append(None)
+        problem = None
+        for column, label in labels.items():
+            text = record.get(column)
+            if text is not None and not isinstance(text, str):
+                record[column] = None
+                problem = problem or f"{label} {text_problem(text)}"
+        errors.append(problem)
         records.append(record)
-    keys = list(dict.fromkeys(k for r in records for k in r if k not in (INPUT_ERROR_COLUMN, text_column)))
+    keys = list(dict.fromkeys(k for r in records for k in r if k != INPUT_ERROR_COLUMN and k not in labels))
     columns = {key: _column([r.get(key) for r in records]) for key in keys}
-    columns[text_column] = pa.array([r.get(text_column) for r in records], type=pa.string())
+    for column in labels:
+        columns[column] = pa.array([r.get(column) for r in records], type=pa.string())
     columns[INPUT_ERROR_COLUMN] = pa.array(errors, type=pa.string())
     return pa.table(columns)
 
@@ -81,8 +92,10 @@ def _column(values: list) -> pa.Array:
         return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], type=pa.string())
 
 
-def read_inputs(files: list[Path], text_column: str = "text") -> Dataset:
-    """One dataset over every input file (formats may be mixed)."""
+def read_inputs(files: list[Path], text_columns: str | Mapping[str, str] = "text") -> Dataset:
+    """One dataset over every input file (formats may be mixed); ``text_columns`` as in
+    ``text_labels`` (a ``.txt`` file's lines are the one text column)."""
+    labels = text_labels(text_columns)
     by_format: dict[str, list[str]] = {}
     for path in files:
         by_format.setdefault(FORMATS[path.suffix.lower()], []).append(str(path))
@@ -90,21 +103,22 @@ def read_inputs(files: list[Path], text_column: str = "text") -> Dataset:
     for kind, paths in by_format.items():
         if kind == "json":
             ds = ray.data.read_text(paths, drop_empty_lines=True, num_cpus=IO_TASK_CPUS).map_batches(
-                parse_json_lines, fn_kwargs={"text_column": text_column}, batch_format="pyarrow",
+                parse_json_lines, fn_kwargs={"text_columns": labels}, batch_format="pyarrow",
                 num_cpus=IO_TASK_CPUS)
         elif kind == "parquet":
             ds = ray.data.read_parquet(paths, num_cpus=IO_TASK_CPUS)
         elif kind == "csv":
             ds = ray.data.read_csv(paths, num_cpus=IO_TASK_CPUS, convert_options=pacsv.ConvertOptions(
-                column_types={text_column: pa.string()}, strings_can_be_null=False))
+                column_types=dict.fromkeys(labels, pa.string()), strings_can_be_null=False))
         else:
             ds = ray.data.read_text(paths, drop_empty_lines=False, num_cpus=IO_TASK_CPUS)
-            if text_column != "text":
-                ds = ds.rename_columns({"text": text_column})
+            if len(labels) == 1 and (only := next(iter(labels))) != "text":
+                ds = ds.rename_columns({"text": only})
         names = ds.schema().names
-        if text_column not in names:
-            raise KeyError(f"the input has no column {text_column!r} in {', '.join(paths[:3])}: it has {names} "
-                           "(use --text-column)")
+        for column, label in labels.items():
+            if column not in names:
+                raise KeyError(f"the input has no column {column!r} in {', '.join(paths[:3])}: it has {names} "
+                               f"(use --{label}-column)")
         datasets.append(ds)
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
 
