@@ -34,11 +34,12 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from cluster.config import ClusterConfig
 from deployments.loading import concurrent_batches, load_encoder, load_indexer
 from deployments.settings import ModelConfig
-from deployments.validation import text_problem
+from deployments.validation import check_pooling, quantization_ranges, quantized, text_problem
 from deployments.weight_store import STORE_NAME, STORE_NAMESPACE
 from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE, ChunkContext, check_chunking
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import encode_folded
+from embedder.quantization import check_precision, quantized_dtype, quantized_width
 from embedder.sentence_pooling import check_pooling_modes
 
 logger = logging.getLogger(__name__)
@@ -256,12 +257,13 @@ def actor_weights_user(prefix: str) -> str:
 
 class EncodeStage:
     """``map_batches`` class: folded rows -> one float32 vector (or one per wordpiece) per row; with
-    late chunking, one row per chunk. Holds the weights in the weight store as
+    late chunking, one row per chunk; pooled vectors in ``precision`` (``fixed_size_list<int8 | uint8>``
+    columns when quantized). Holds the weights in the weight store as
     ``actor_weights_user(weights_user)`` until ray.data shuts the pool down."""
 
     def __init__(self, model: ModelConfig, output_column: str, level: BulkLevel, pooling: str | list[str] | None,
                  normalize: bool | None, threads: int | None, weights_user: str, text_column: str = "text",
-                 chunking: Chunking | None = None) -> None:
+                 chunking: Chunking | None = None, precision: str = "float32") -> None:
         user = actor_weights_user(weights_user)
         self._weights_user = user if model.share_weights and ray.is_initialized() else None
         encoder, _ = load_encoder(model, threads, user=user)
@@ -273,6 +275,8 @@ class EncodeStage:
         self._level = level
         self._text_column = text_column
         self._late = chunking is not None and chunking.context == "document"
+        self._precision = precision
+        self._ranges = quantization_ranges(model, precision, check_pooling(pooling), normalize, None)
 
     def __del__(self) -> None:
         """Release this actor's hold on the weights: ray.data deletes its actors' UDF objects when it
@@ -302,10 +306,15 @@ class EncodeStage:
                                     normalize=self._normalize, max_batch_tokens=self._model.max_batch_tokens)
             for row, chunks in zip(ok, batch.chunk_table() or []):
                 tables[row] = chunks
+            if self._precision != "float32":  # each vector on its own, as the serving path quantizes
+                vectors = ([quantized(v, self._precision, self._ranges) for v in vectors] if self._late
+                           else quantized(vectors, self._precision, self._ranges))
+        if self._precision != "float32":
+            dim = quantized_width(dim, self._precision)
         if self._late:
             return self._explode_chunks(table, ok, tables, vectors, dim)
-        column = (self._pooled_column if self._level == "pooled" else self._wordpiece_column)(
-            table.num_rows, ok, vectors, dim)
+        column = (self._pooled_column(table.num_rows, ok, vectors, dim, quantized_dtype(self._precision))
+                  if self._level == "pooled" else self._wordpiece_column(table.num_rows, ok, vectors, dim))
         return table.drop_columns(list(_INTERNAL)).append_column(self._output_column, column)
 
     def _explode_chunks(self, table: pa.Table, ok: np.ndarray, tables: list[np.ndarray | None],
@@ -316,7 +325,8 @@ class EncodeStage:
             by_row[row] = document_vectors
         counts, starts, ends, texts = _chunk_columns(table.column(self._text_column).to_pylist(), tables)
         tokens = np.concatenate([np.zeros(1, np.int64) if t is None else t[:, 2] for t in tables]).astype(np.int32)
-        values = np.concatenate([np.zeros((1, dim), np.float32) if v is None else v for v in by_row])
+        values = np.concatenate([np.zeros((1, dim), quantized_dtype(self._precision)) if v is None else v
+                                 for v in by_row])
         missing = np.concatenate([[v is None] * max(len(v) if v is not None else 1, 1) for v in by_row])
         error = table.column(ERROR_COLUMN).take(np.repeat(np.arange(table.num_rows), np.maximum(counts, 1)))
         exploded = _one_row_per_chunk(table.drop_columns([*_INTERNAL, TOKENS_COLUMN, ERROR_COLUMN]), counts,
@@ -326,8 +336,9 @@ class EncodeStage:
                 .append_column(self._output_column, column).append_column(ERROR_COLUMN, error))
 
     @staticmethod
-    def _pooled_column(num_rows: int, ok: np.ndarray, vectors: np.ndarray | None, dim: int) -> pa.Array:
-        values = np.zeros((num_rows, dim), dtype=np.float32)
+    def _pooled_column(num_rows: int, ok: np.ndarray, vectors: np.ndarray | None, dim: int,
+                       dtype: np.dtype = np.dtype(np.float32)) -> pa.Array:
+        values = np.zeros((num_rows, dim), dtype=dtype)
         if vectors is not None:
             values[ok] = vectors
         mask = np.ones(num_rows, dtype=bool)
@@ -393,6 +404,7 @@ def embed_dataset(
     prompt_name: str | None = None,
     prompt: str | None = None,
     chunks: Chunking | None = None,
+    precision: str = "float32",
     weights_user: str | None = None,
     batch_size: int = 256,
     tokenize_actors: int | None = None,
@@ -410,7 +422,10 @@ def embed_dataset(
     texts are folded, never truncated unless ``truncate``. ``prompt_name`` / ``prompt``
     choose a prompt as on ``/embed`` (the model's default prompt when neither is given).
     ``chunks`` gives one row per chunk of each document (see ``Chunking``) with the chunk
-    columns; late chunking needs a model that mean-pools (or ``pooling="mean"``).
+    columns; late chunking needs a model that mean-pools (or ``pooling="mean"``). ``precision``
+    (``int8``, ``uint8``, ``binary``, ``ubinary``) writes pooled vectors quantized as on ``/embed``:
+    ``fixed_size_list<int8 | uint8>`` of ``dim`` values (``ceil(dim / 8)`` bytes for the binary ones);
+    int8/uint8 need the model's ranges (``quantization_ranges`` or ``calibration_corpus``).
 
     Each encode actor holds the model's weights in the cluster's weight store as
     ``<weights_user><model name>/<actor id>`` (``weights_user`` default: a new ``bulk-<id>/``)
@@ -428,6 +443,10 @@ def embed_dataset(
     prompt = model.prompt(prompt_name, prompt)
     if pooling is not None:
         check_pooling_modes(pooling)
+    check_precision(precision)
+    if precision != "float32" and level != "pooled":
+        raise ValueError(f"precision {precision!r} quantizes pooled vectors; level must be 'pooled'")
+    quantization_ranges(model, precision, check_pooling(pooling), normalize, None)
     schema = ds.schema(fetch_if_missing=False)
     if schema is not None:
         check_input_columns(schema.names, output_column, chunks)
@@ -460,7 +479,7 @@ def embed_dataset(
                                "threads": encode_threads and max(1, encode_threads // blocks_at_once),
                                "weights_user": f"{weights_user or BULK_WEIGHTS_USER.format(uuid.uuid4().hex[:8])}"
                                                f"{model.name}",
-                               "text_column": text_column, "chunking": chunks},
+                               "text_column": text_column, "chunking": chunks, "precision": precision},
         batch_format="pyarrow",
         batch_size=batch_size,
         **model_stage_options(model, encode_actors, blocks_at_once),

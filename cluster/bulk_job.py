@@ -228,6 +228,7 @@ def run_bulk_job(
     prompt_name: str | None = None,
     prompt: str | None = None,
     chunks: Chunking | None = None,
+    precision: str = "float32",
     resume: bool = False,
     rows_per_part: int = 10_000,
     batch_size: int = 256,
@@ -236,8 +237,8 @@ def run_bulk_job(
 ) -> BulkSummary:
     """Embed every row of ``source`` into parquet parts under ``output`` (``run_job``).
     ``prompt_name`` / ``prompt`` choose the prompt as on ``/embed``; with ``chunks`` each document
-    gives one row per chunk, and a part always holds whole documents (so ``resume`` works per id).
-    Raises ``ValueError`` before any embedding for an input column the job writes itself, and with
+    gives one row per chunk, and a part always holds whole documents (so ``resume`` works per id);
+    ``precision`` quantizes the vectors as ``embed_dataset`` does. Raises ``ValueError`` before any embedding for an input column the job writes itself, and with
     ``id_column`` (or ``resume``, whose default id column is ``id``) for null or repeated ids."""
     model = model.resolved()
     model.prompt(prompt_name, prompt)
@@ -245,8 +246,8 @@ def run_bulk_job(
 
     def embed(ds: Dataset) -> Dataset:
         return embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
-                             prompt_name=prompt_name, prompt=prompt, chunks=chunks, weights_user=weights_user,
-                             batch_size=batch_size, encode_actors=encode_actors)
+                             prompt_name=prompt_name, prompt=prompt, chunks=chunks, precision=precision,
+                             weights_user=weights_user, batch_size=batch_size, encode_actors=encode_actors)
 
     try:
         return run_job(source, output, embed, text_columns=text_column,

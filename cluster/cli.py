@@ -135,14 +135,17 @@ def embed_command(args: argparse.Namespace) -> int:
     """The bulk embedding job."""
     from cluster.bulk import Chunking
     from cluster.bulk_job import run_bulk_job
+    from deployments.validation import quantization_ranges
 
     def prepare(model: ModelConfig) -> Callable[[], BulkSummary]:
         model = model.resolved()
         model.prompt(args.prompt_name, args.prompt)
         chunks = Chunking(args.chunk_size, args.chunk_overlap, args.chunk_context) if args.chunks else None
+        quantization_ranges(model, args.precision, None, None, None)  # int8 without ranges: exit 2 before Ray
         return lambda: run_bulk_job(args.input, args.output, model, text_column=args.text_column, level=args.level,
                                     truncate=args.truncate, prompt_name=args.prompt_name, prompt=args.prompt,
-                                    chunks=chunks, encode_actors=args.encode_actors, **_bulk_options(args))
+                                    chunks=chunks, precision=args.precision, encode_actors=args.encode_actors,
+                                    **_bulk_options(args))
 
     return _bulk_command(args, prepare)
 
@@ -236,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--chunk-overlap", type=int, default=0, help="wordpieces a chunk shares with the last")
     embed.add_argument("--chunk-context", choices=["document", "chunk"], default="document",
                        help="document: late chunking (each chunk pooled from its whole text); chunk: each alone")
+    embed.add_argument("--precision", choices=["float32", "int8", "uint8", "binary", "ubinary"], default="float32",
+                       help="quantize the vectors as sentence-transformers' quantize_embeddings: int8/uint8 columns "
+                            "of dim bytes (in the model's quantization_ranges or calibration_corpus ranges), "
+                            "binary/ubinary of dim/8 (default: float32)")
     embed.set_defaults(func=embed_command)
 
     score = commands.add_parser("score", help="bulk job: score (query, document) pairs with a reranker into "

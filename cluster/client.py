@@ -91,13 +91,15 @@ class EmbeddingClient:
               pooling: str | list[str] | None = None, normalize: bool | None = None, truncate: bool = False,
               dimensions: int | None = None, pairs: list[tuple[str, str]] | None = None,
               prompt_name: str | None = None, prompt: str | None = None,
-              truncation_direction: str | None = None) -> np.ndarray:
+              truncation_direction: str | None = None, precision: str = "float32") -> np.ndarray:
         """One pooled vector per text (or per sentence pair): ``[n, dim]`` float32, as
-        ``SentenceTransformer.encode(texts, prompt_name=..., prompt=...)`` gives them."""
+        ``SentenceTransformer.encode(texts, prompt_name=..., prompt=...)`` gives them; with ``precision``
+        ``int8``/``uint8`` (``[n, dim]``, in the model's ranges) or ``binary``/``ubinary`` (``[n, ceil(dim/8)]``),
+        as ``quantize_embeddings`` quantizes them."""
         return self._result(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
                                        normalize=normalize, truncate=truncate, dimensions=dimensions,
                                        pairs=pairs, prompt_name=prompt_name, prompt=prompt,
-                                       truncation_direction=truncation_direction))[0]
+                                       truncation_direction=truncation_direction, precision=precision))[0]
 
     def embed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
                      model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",
@@ -120,13 +122,14 @@ class EmbeddingClient:
                      chunk_overlap: int = 0, spans: list[list[tuple[int, int]]] | None = None,
                      context: str = "document", pooling: str | None = None, normalize: bool | None = None,
                      dimensions: int | None = None, prompt_name: str | None = None,
-                     prompt: str | None = None) -> list[list[Chunk]]:
+                     prompt: str | None = None, precision: str = "float32") -> list[list[Chunk]]:
         """Per document, its chunks with their vectors: late chunking (``context="document"``, each
-        chunk pooled from the whole document's encoding) or each chunk alone (``"chunk"``)."""
+        chunk pooled from the whole document's encoding) or each chunk alone (``"chunk"``); vectors
+        in ``precision`` as ``embed``'s."""
         return _chunks(texts, self._result(self._call(
             "embed_document_chunks", texts=texts, model=model, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
             spans=spans, context=context, pooling=pooling, normalize=normalize, dimensions=dimensions,
-            prompt_name=prompt_name, prompt=prompt)))
+            prompt_name=prompt_name, prompt=prompt, precision=precision)))
 
     def rerank(self, query: str, documents: list[str], model: str | None = None, top_n: int | None = None,
                aggregate: str = "max", truncate: bool = False, window_overlap: int | None = None,
@@ -153,11 +156,12 @@ class EmbeddingClient:
                      pooling: str | list[str] | None = None, normalize: bool | None = None, truncate: bool = False,
                      dimensions: int | None = None, pairs: list[tuple[str, str]] | None = None,
                      prompt_name: str | None = None, prompt: str | None = None,
-                     truncation_direction: str | None = None) -> np.ndarray:
+                     truncation_direction: str | None = None, precision: str = "float32") -> np.ndarray:
         return (await self._aresult(self._call("embed_texts", texts=texts, model=model, pooling=pooling,
                                                normalize=normalize, truncate=truncate, dimensions=dimensions,
                                                pairs=pairs, prompt_name=prompt_name, prompt=prompt,
-                                               truncation_direction=truncation_direction)))[0]
+                                               truncation_direction=truncation_direction,
+                                               precision=precision)))[0]
 
     async def aembed_tokens(self, texts: str | list[str] | None = None, words: list[list[str]] | None = None,
                             model: str | None = None, level: str = "wordpiece", sub_token_mode: str = "avg",
@@ -179,11 +183,11 @@ class EmbeddingClient:
                             chunk_overlap: int = 0, spans: list[list[tuple[int, int]]] | None = None,
                             context: str = "document", pooling: str | None = None, normalize: bool | None = None,
                             dimensions: int | None = None, prompt_name: str | None = None,
-                            prompt: str | None = None) -> list[list[Chunk]]:
+                            prompt: str | None = None, precision: str = "float32") -> list[list[Chunk]]:
         return _chunks(texts, await self._aresult(self._call(
             "embed_document_chunks", texts=texts, model=model, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
             spans=spans, context=context, pooling=pooling, normalize=normalize, dimensions=dimensions,
-            prompt_name=prompt_name, prompt=prompt)))
+            prompt_name=prompt_name, prompt=prompt, precision=precision)))
 
     async def arerank(self, query: str, documents: list[str], model: str | None = None, top_n: int | None = None,
                       aggregate: str = "max", truncate: bool = False, window_overlap: int | None = None,

@@ -60,14 +60,19 @@ class Ingress(ScoringPipeline):
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
     @timed
     async def openai_embeddings(self, body: OpenAIEmbeddingRequest) -> Response:
-        """OpenAI's embeddings API: works unchanged with the official ``openai`` client."""
+        """OpenAI's embeddings API: works unchanged with the official ``openai`` client. The extra field
+        ``precision`` (``extra_body``) quantizes as on ``/embed``; with ``encoding_format: base64`` the
+        quantized bytes are base64'd (the openai client decodes base64 as float32 only when it chose
+        base64 itself: ask for ``float`` or ``base64`` explicitly with a quantized precision)."""
         name = self._model(body.model)
         given_ids = isinstance(body.input, list) and bool(body.input) and not isinstance(body.input[0], str)
         vectors, counts = await self.pooled_vectors(
             name, texts=None if given_ids else body.input, token_ids=body.input if given_ids else None,
-            dimensions=body.dimensions, prompt_name=body.prompt_name, prompt=body.prompt, route="openai")
-        if body.encoding_format == "base64":
-            encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+            dimensions=body.dimensions, prompt_name=body.prompt_name, prompt=body.prompt, precision=body.precision,
+            route="openai")
+        if body.encoding_format == "base64":  # float32 little-endian, or the quantized bytes as they are
+            packed = vectors.astype("<f4") if body.precision == "float32" else vectors
+            encoded = [base64.b64encode(v.tobytes()).decode("ascii") for v in packed]
         else:
             encoded = list(vectors)
         tokens = int(counts.sum())

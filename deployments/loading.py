@@ -120,6 +120,9 @@ def load_encoder(model: ModelConfig, threads: int | None = None,
             tokenizer_kwargs=model.tokenizer_kwargs,
             transformer_kwargs=model.transformer_kwargs,
         )
+        if model.ranges is not None and model.ranges.dim != encoder.get_output_dim():
+            raise ValueError(f"model {model.name!r}: its quantization ranges ({model.ranges.source}) cover "
+                             f"{model.ranges.dim} dimensions, but its vectors have {encoder.get_output_dim()}")
     except BaseException:
         if own_user is not None:  # nobody would release a hold of an encoder that never started
             release_user(own_user)

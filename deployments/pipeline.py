@@ -30,7 +30,7 @@ from deployments.errors import (
 )
 from deployments.metrics import IngressMetrics
 from deployments.protocol import ChunkRequest, EncodeOptions, EncodeResult, FoldRequest
-from deployments.settings import ServingSettings, deployment_name
+from deployments.settings import ModelConfig, ServingSettings, deployment_name
 from deployments.tokenizer import RequestFolder
 from deployments.schema import EmbedChunksRequest, EmbedRequest, EmbedTokensRequest, TokenizeRequest
 from deployments.validation import (
@@ -41,11 +41,14 @@ from deployments.validation import (
     check_token_ids,
     check_words,
     parse_request,
+    quantization_ranges,
+    quantized,
     truncate_dimensions,
 )
 from embedder.chunking import DEFAULT_CHUNK_SIZE
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import unfold_index
+from embedder.quantization import PRECISIONS, RANGED_PRECISIONS
 from embedder.sentence_pooling import check_pooling_modes
 
 logger = logging.getLogger(__name__)
@@ -77,6 +80,15 @@ def replica_placements(infos: list[dict]) -> dict:
     dtypes, devices = sorted({i["dtype"] for i in infos}), sorted({i["device"] for i in infos})
     return {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes,
             "device": devices[0] if len(devices) == 1 else "mixed", "devices": devices}
+
+
+def quantization_card(config: ModelConfig) -> dict:
+    """What ``GET /models`` shows of an embedding model's precisions and ranges."""
+    if config.kind != "embedding":
+        return {}
+    ranges = config.ranges
+    return {"precisions": [p for p in PRECISIONS if ranges is not None or p not in RANGED_PRECISIONS],
+            "quantization_ranges": None if ranges is None else ranges.card()}
 
 
 class EmbeddingPipeline:
@@ -215,17 +227,20 @@ class EmbeddingPipeline:
         return await self.pooled_vectors(
             request.model, texts=request.inputs, pairs=request.pairs, pooling=request.pooling,
             normalize=request.normalize, truncate=request.truncate, truncation_direction=request.truncation_direction,
-            dimensions=request.dimensions, prompt_name=request.prompt_name, prompt=request.prompt, route=route)
+            dimensions=request.dimensions, prompt_name=request.prompt_name, prompt=request.prompt,
+            precision=request.precision, route=route)
 
     async def pooled_vectors(self, model: str | None, *, texts: Any = None, pairs: Any = None, token_ids: Any = None,
                              pooling: Any = None, normalize: bool | None = None, truncate: bool = False,
                              truncation_direction: str | None = None, dimensions: int | None = None,
-                             prompt_name: str | None = None, prompt: str | None = None,
+                             prompt_name: str | None = None, prompt: str | None = None, precision: str = "float32",
                              route: str) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled vectors of exactly one of texts, pairs or token ids, and each input's wordpiece count."""
+        """Pooled vectors of exactly one of texts, pairs or token ids (in ``precision``: float32, or
+        quantized after ``dimensions`` and normalization), and each input's wordpiece count."""
         name = self._model(model)
         if sum(x is not None for x in (texts, pairs, token_ids)) != 1:
             raise BadRequestError("give exactly one of texts, pairs or token ids")
+        ranges = quantization_ranges(self._configs[name], precision, check_pooling(pooling), normalize, dimensions)
         fold = FoldRequest(model=name, truncate=truncate, truncation_direction=truncation_direction,
                            prompt=None if token_ids is not None else self._prompt(name, prompt_name, prompt),
                            texts=None if texts is None else check_texts(texts, self._limits),
@@ -233,10 +248,10 @@ class EmbeddingPipeline:
                            token_ids=None if token_ids is None else check_token_ids(token_ids, self._limits))
         options = EncodeOptions(level="pooled", pooling=check_pooling(pooling), normalize=normalize)
         result = await self._encode(fold, options, route)
+        vectors = result.vectors
         if dimensions is not None:
-            return (truncate_dimensions(result.vectors, dimensions, await self._renormalizes(name, normalize)),
-                    result.num_wordpieces)
-        return result.vectors, result.num_wordpieces
+            vectors = truncate_dimensions(vectors, dimensions, await self._renormalizes(name, normalize))
+        return quantized(vectors, precision, ranges), result.num_wordpieces
 
     async def token_vectors_request(self, request: EmbedTokensRequest,
                                     route: str) -> tuple[list[np.ndarray], list[list[str]]]:
@@ -275,6 +290,7 @@ class EmbeddingPipeline:
         chunking = ChunkRequest(chunk_size=request.chunk_size, chunk_overlap=request.chunk_overlap, spans=spans)
         prompt_text = self._prompt(name, request.prompt_name, request.prompt)
         modes, normalize = check_pooling(request.pooling), request.normalize
+        ranges = quantization_ranges(self._configs[name], request.precision, modes, normalize, request.dimensions)
         if request.context == "document":
             model_modes = check_pooling_modes(self._configs[name].pooling or "mean")
             if (modes or model_modes) != ("mean",):
@@ -297,6 +313,7 @@ class EmbeddingPipeline:
         if request.dimensions is not None:
             renormalize = await self._renormalizes(name, normalize)
             vectors = [truncate_dimensions(v, request.dimensions, renormalize) for v in vectors]
+        vectors = [quantized(v, request.precision, ranges) for v in vectors]
         return tables, vectors, int(result.num_wordpieces.sum())
 
     # --- handle API (cluster.EmbeddingClient): the arguments checked by the routes' own models -----
@@ -304,11 +321,12 @@ class EmbeddingPipeline:
     async def embed_texts(self, texts: Any = None, model: str | None = None, pooling: Any = None,
                           normalize: bool | None = None, truncate: bool = False, dimensions: int | None = None,
                           pairs: Any = None, prompt_name: str | None = None, prompt: str | None = None,
-                          truncation_direction: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          truncation_direction: str | None = None,
+                          precision: Any = "float32") -> tuple[np.ndarray, np.ndarray]:
         """``POST /embed`` by handle."""
         request = parse_request(EmbedRequest, inputs=texts, pairs=pairs, model=model, pooling=pooling,
                                 normalize=normalize, truncate=truncate, truncation_direction=truncation_direction,
-                                dimensions=dimensions, prompt_name=prompt_name, prompt=prompt)
+                                dimensions=dimensions, prompt_name=prompt_name, prompt=prompt, precision=precision)
         return await self.embed_request(request, "handle")
 
     async def embed_token_vectors(self, texts: Any = None, words: Any = None, model: str | None = None,
@@ -333,11 +351,13 @@ class EmbeddingPipeline:
                                     chunk_size: Any = DEFAULT_CHUNK_SIZE, chunk_overlap: Any = 0, spans: Any = None,
                                     context: str = "document", pooling: Any = None, normalize: bool | None = None,
                                     dimensions: int | None = None, prompt_name: str | None = None,
-                                    prompt: str | None = None) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+                                    prompt: str | None = None,
+                                    precision: Any = "float32") -> tuple[list[np.ndarray], list[np.ndarray], int]:
         """``POST /embed_chunks`` by handle."""
         request = parse_request(EmbedChunksRequest, inputs=texts, model=model, chunk_size=chunk_size,
                                 chunk_overlap=chunk_overlap, spans=spans, context=context, pooling=pooling,
-                                normalize=normalize, dimensions=dimensions, prompt_name=prompt_name, prompt=prompt)
+                                normalize=normalize, dimensions=dimensions, prompt_name=prompt_name, prompt=prompt,
+                                precision=precision)
         return await self.chunks_request(request, "handle")
 
     async def list_models(self) -> list[dict]:
@@ -350,7 +370,7 @@ class EmbeddingPipeline:
             status = statuses.get(config.name, {})
             infos = await self._replica_infos(config.name, status.get("replicas", {}).get("running", 0))
             cards.append({"id": config.name, "created": self._started, **infos[0], **replica_placements(infos),
-                          **status})
+                          **status, **quantization_card(config)})
         return cards
 
     async def _replica_infos(self, name: str, running: int) -> list[dict]:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 from embedder.chunking import ChunkContext
 from embedder.indexer import TruncationDirection
+from embedder.quantization import Precision
 from embedder.sentence_pooling import PoolingMode as Pooling
 from embedder.word_pooling import SubTokenMode
 
@@ -40,6 +41,14 @@ def dimensions_field() -> Any:
     return Field(None, ge=1, strict=True, description="Keep the first N dimensions (Matryoshka).")
 
 
+def precision_field() -> Any:
+    return Field("float32", description="float32, or quantized as sentence-transformers' quantize_embeddings "
+                                        "(after dimensions and normalization): int8/uint8 (one byte per dimension, "
+                                        "in the model's configured ranges; GET /models shows them), binary/ubinary "
+                                        "(one bit per dimension, packed: ceil(dim/8) bytes, as int8/uint8). "
+                                        "Quantized vectors are lists of integers.")
+
+
 #: A token id: an integer, never a boolean.
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 #: A text: a string, never bytes or a number turned into one (the handle's arguments pass here too).
@@ -68,11 +77,15 @@ class OpenAIEmbeddingRequest(BaseModel):
     user: str | None = None
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
+    precision: Precision = Field(
+        "float32", description="An extra field (the openai client's extra_body): float32, int8, uint8, binary or "
+                               "ubinary, as on /embed. With encoding_format base64 the quantized bytes are base64'd "
+                               "(one byte per value: decode with numpy's int8 or uint8, not float32).")
 
 
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
     index: int
 
 
@@ -122,6 +135,7 @@ class EmbedRequest(_Request):
     dimensions: int | None = dimensions_field()
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
+    precision: Precision = precision_field()
 
     @model_validator(mode="after")
     def _texts_or_pairs(self):
@@ -150,6 +164,7 @@ class EmbedChunksRequest(_Request):
     dimensions: int | None = dimensions_field()
     prompt_name: str | None = prompt_name_field()
     prompt: str | None = prompt_field()
+    precision: Precision = precision_field()
 
 
 class Chunk(BaseModel):
@@ -157,7 +172,7 @@ class Chunk(BaseModel):
     end: int = Field(..., description="One past its last character: text == document[start:end].")
     text: str
     num_tokens: int = Field(..., description="Its wordpieces.")
-    embedding: list[float]
+    embedding: list[float] | list[int]
 
 
 class DocumentChunks(BaseModel):
@@ -172,8 +187,8 @@ class EmbedChunksResponse(BaseModel):
     data: list[DocumentChunks]
 
 
-class EmbedResponse(RootModel[list[list[float]]]):
-    """One vector per input, in input order."""
+class EmbedResponse(RootModel[list[list[float]] | list[list[int]]]):
+    """One vector per input, in input order (integers for a quantized precision)."""
 
 
 class EmbedTokensRequest(_TextsOrWords):
@@ -216,6 +231,14 @@ class TokenizeResponse(RootModel[list[Tokenized]]):
     """One entry per input."""
 
 
+class QuantizationRangesCard(BaseModel):
+    source: str = Field(..., description="quantization_ranges: FILE, or calibration_corpus: FILE (embedded at "
+                                         "start-up, float32 on the CPU).")
+    digest: str = Field(..., description="sha256 of the [2, dim] ranges as little-endian float32 bytes (16 digits).")
+    dim: int
+    texts: int | None = Field(None, description="The calibration corpus's texts.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -244,6 +267,11 @@ class ModelCard(BaseModel):
     normalize: bool | None = None
     head: list[str] | None = Field(None, description="The modules after pooling, in order (Dense, LayerNorm, "
                                                      "Normalize).")
+    precisions: list[str] | None = Field(None, description="Embedding models: the precisions it answers (int8 and "
+                                                           "uint8 only with quantization ranges).")
+    quantization_ranges: QuantizationRangesCard | None = Field(
+        None, description="Embedding models: the int8/uint8 ranges, part of the model's identity (the same digest, "
+                          "the same quantized vectors); null when it has none.")
     labels: list[str] | None = Field(None, description="Rerankers and classifiers: the labels (config.json id2label).")
     activation: str | None = Field(None, description="Rerankers and classifiers: the activation on the logits, as "
                                                      "sentence-transformers' CrossEncoder applies it.")

@@ -16,6 +16,7 @@ from ray.serve.config import AutoscalingConfig
 
 from embedder.cross_encoder import CrossEncoderSettings, resolve_cross_encoder
 from embedder.model_kind import ModelKind, read_model_kind
+from embedder.quantization import QuantizationRanges, calibration_ranges, load_ranges_file, read_calibration_corpus
 from embedder.sentence_encoder import SentenceSettings, resolve_sentence_settings
 from embedder.sentence_folder import resolve_prompt
 from embedder.sentence_pooling import PoolingMode
@@ -111,8 +112,19 @@ class ModelConfig(ReplicaSettings):
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long a request that finds the model idle "
                                                               "waits for others to batch with (under load, "
                                                               "batches form from what queued meanwhile).")
+    quantization_ranges: str | None = Field(
+        None, description="A .npy file of shape [2, dim] (each dimension's min row, then max row): the ranges of "
+                          "int8/uint8 vectors (sentence-transformers' quantize_embeddings(ranges=...)). Read once "
+                          "where the config is resolved (the app builder, a bulk job's driver): the replicas' "
+                          "nodes need not have the file.")
+    calibration_corpus: str | None = Field(
+        None, description="A text file, one text per line, instead of quantization_ranges: embedded once where "
+                          "the config is resolved (the app builder, a bulk job's driver; float32 on the CPU, the "
+                          "model's own pooling, normalization and default prompt); its vectors' per-dimension min "
+                          "and max are the int8/uint8 ranges.")
 
     _kind: ModelKind | None = PrivateAttr(None)
+    _ranges: QuantizationRanges | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _gpu_for_cuda(self) -> "ModelConfig":
@@ -121,6 +133,9 @@ class ModelConfig(ReplicaSettings):
                              "replicas no GPU; set num_gpus (e.g. 1, or a fraction to share a card)")
         if self.max_batch_tokens is None:
             self.max_batch_tokens = GPU_BATCH_TOKENS if self.num_gpus > 0 else CPU_BATCH_TOKENS
+        if self.quantization_ranges is not None and self.calibration_corpus is not None:
+            raise ValueError(f"model {self.name!r} sets both quantization_ranges and calibration_corpus; its int8/"
+                             "uint8 ranges come from one of them: keep one")
         return self
 
     @property
@@ -188,7 +203,57 @@ class ModelConfig(ReplicaSettings):
             "default_prompt_name": settings.default_prompt_name or "",
         })
         resolved._kind = "embedding"
+        resolved._ranges = self._quantization_ranges(settings)
         return resolved
+
+    @property
+    def ranges(self) -> QuantizationRanges | None:
+        """The int8/uint8 ranges of a resolved config (``None``: the model has none)."""
+        return self._ranges
+
+    def _quantization_ranges(self, settings: SentenceSettings) -> QuantizationRanges | None:
+        """The ranges that ``quantization_ranges`` or ``calibration_corpus`` give: kept from an earlier
+        resolution of the same setting, else read (the file) or computed (the corpus, embedded here once)."""
+        origin = (("quantization_ranges", self.quantization_ranges) if self.quantization_ranges is not None
+                  else ("calibration_corpus", self.calibration_corpus) if self.calibration_corpus is not None
+                  else None)
+        if origin is None:
+            return None
+        if self._ranges is not None and self._ranges.origin == origin:
+            return self._ranges
+        try:
+            if origin[0] == "quantization_ranges":
+                return QuantizationRanges.from_array(load_ranges_file(origin[1]), f"quantization_ranges: {origin[1]}",
+                                                     origin)
+            texts = read_calibration_corpus(origin[1])
+            vectors = self._calibration_vectors(settings, texts)
+            return QuantizationRanges.from_array(calibration_ranges(vectors), f"calibration_corpus: {origin[1]}",
+                                                 origin, texts=len(texts))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model {self.name!r}: {error}") from None
+
+    def _calibration_vectors(self, settings: SentenceSettings, texts: list[str]):
+        """The corpus embedded as ``/embed`` would with no options, at float32 on the CPU on one torch
+        thread (so that the ranges depend neither on where, or in which dtype, the replicas run, nor
+        on the resolving process's threads: the same config gives the same digest again)."""
+        import torch
+
+        from embedder.sentence_encoder import SentenceEncoder
+
+        encoder = SentenceEncoder(
+            self.model_name, max_length=settings.max_length, pooling=settings.pooling_modes,
+            normalize=settings.normalize, prompts=settings.prompts,
+            default_prompt_name=settings.default_prompt_name or "", dtype="float32", device="cpu",
+            last_layer_only=self.last_layer_only, sub_module=self.sub_module,
+            override_weights_file=self.override_weights_file,
+            override_weights_strip_prefix=self.override_weights_strip_prefix,
+            tokenizer_kwargs=self.tokenizer_kwargs, transformer_kwargs=self.transformer_kwargs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return encoder.encode(texts)
+        finally:
+            torch.set_num_threads(threads)
 
     def prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
         """The prompt text a request asks for, from a resolved config (``ValueError`` for an
@@ -198,7 +263,8 @@ class ModelConfig(ReplicaSettings):
 
 #: ModelConfig fields that change how an embedding model embeds, and nothing a cross-encoder scores.
 _EMBEDDING_ONLY_FIELDS = ("pooling", "normalize", "sub_module", "override_weights_file",
-                          "override_weights_strip_prefix", "tokenizer_kwargs", "transformer_kwargs", "last_layer_only")
+                          "override_weights_strip_prefix", "tokenizer_kwargs", "transformer_kwargs", "last_layer_only",
+                          "quantization_ranges", "calibration_corpus")
 
 
 @functools.lru_cache(maxsize=64)

@@ -10,8 +10,9 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from deployments.errors import BadRequestError, PayloadTooLargeError
-from deployments.settings import LimitsSettings
+from deployments.settings import LimitsSettings, ModelConfig
 from embedder.chunking import check_chunking
+from embedder.quantization import RANGED_PRECISIONS, cut_ranges, quantize
 from embedder.sentence_pooling import check_pooling_modes
 
 Request = TypeVar("Request", bound=BaseModel)
@@ -167,3 +168,41 @@ def truncate_dimensions(vectors: np.ndarray, dimensions: int | None, renormalize
     if renormalize:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def quantization_ranges(config: ModelConfig, precision: str, pooling: tuple[str, ...] | None,
+                        normalize: bool | None, dimensions: int | None) -> np.ndarray | None:
+    """The ranges a request's ``precision`` quantizes in (``None`` for float32, binary and ubinary,
+    which need none): the model's own (its resolved config's), cut to the first ``dimensions``.
+    ``BadRequestError`` for int8/uint8 on a model without ranges (saying how to give it some), or with
+    a pooling or normalization other than the model's, which its ranges were not made for."""
+    if precision not in RANGED_PRECISIONS:
+        return None
+    ranges = config.ranges
+    if ranges is None:
+        raise BadRequestError(
+            f"precision {precision!r} needs per-dimension ranges, and model {config.name!r} has none: set "
+            f"quantization_ranges (a .npy file of shape [2, dim]: the min row, the max row) or calibration_corpus "
+            f"(a text file, one text per line, embedded at start-up) in its ModelConfig; 'binary' and 'ubinary' "
+            f"need no ranges")
+    model_modes = config.pooling if isinstance(config.pooling, list) else [config.pooling]
+    if pooling is not None and list(pooling) != model_modes:
+        raise BadRequestError(f"precision {precision!r}: the ranges of model {config.name!r} were made for its "
+                              f"{'+'.join(model_modes)} pooling, not {'+'.join(pooling)}; leave pooling unset")
+    if normalize is not None and normalize != config.normalize:
+        raise BadRequestError(f"precision {precision!r}: the ranges of model {config.name!r} were made for "
+                              f"{'normalized' if config.normalize else 'unnormalized'} vectors; leave normalize "
+                              "unset")
+    if dimensions is not None and dimensions > ranges.dim:
+        raise BadRequestError(f"dimensions={dimensions} is more than the {ranges.dim} its quantization ranges cover")
+    return cut_ranges(ranges.array, dimensions)
+
+
+def quantized(vectors: np.ndarray, precision: str, ranges: np.ndarray | None) -> np.ndarray:
+    """``vectors`` in ``precision`` (``quantization_ranges`` gave ``ranges``), each on its own."""
+    if precision == "float32":
+        return vectors
+    try:
+        return quantize(vectors, precision, ranges)
+    except ValueError as error:
+        raise BadRequestError(f"precision {precision!r}: {error}") from None

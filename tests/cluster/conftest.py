@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from cluster.config import ClusterConfig, HTTPConfig, LimitsSettings, ModelConfig
@@ -35,8 +36,33 @@ class RunningCluster:
     url: str
 
 
+#: Texts the tiny BERT's int8/uint8 ranges are calibrated on (``calibration_corpus``).
+CALIBRATION_TEXTS = [f"calibration text {i}: " + " ".join(["vectors", "search", "ranges", "bytes", "cluster",
+                                                           "quantized", "documents", "meaning"][j % 8]
+                                                          for j in range(i % 7 + 1)) for i in range(40)]
+
+
 @pytest.fixture(scope="session")
-def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port) -> ClusterConfig:
+def minilm_ranges_path(tmp_path_factory) -> str:
+    """int8/uint8 ranges for MiniLM's 384 dimensions (``quantization_ranges``): made up, wide enough
+    for most of its normalized vectors' values and narrow enough that some fall outside (clipped)."""
+    rng = np.random.default_rng(24)
+    ranges = np.stack([-rng.uniform(0.05, 0.15, 384), rng.uniform(0.05, 0.15, 384)]).astype(np.float32)
+    path = tmp_path_factory.mktemp("quantization") / "minilm-ranges.npy"
+    np.save(path, ranges)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def calibration_corpus_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("calibration") / "corpus.txt"
+    path.write_text("\n".join(CALIBRATION_TEXTS) + "\n\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port, minilm_ranges_path,
+                   calibration_corpus_path) -> ClusterConfig:
     return ClusterConfig(
         app_name=APP_NAME,
         http=HTTPConfig(port=free_port()),
@@ -45,9 +71,10 @@ def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port) ->
         models=[
             # two batches at once, one torch thread each: every test of this model runs that path
             ModelConfig(name="all-MiniLM-L6-v2", model_name=minilm_path, dtype="float32", num_cpus=1,
-                        concurrent_batches=2),
+                        concurrent_batches=2, quantization_ranges=minilm_ranges_path),
             ModelConfig(name="minilm-bf16", model_name=minilm_path, dtype="bfloat16", num_cpus=1),
-            ModelConfig(name="tiny-bert", model_name=tiny_bert_path, max_length=32, num_cpus=0.5),
+            ModelConfig(name="tiny-bert", model_name=tiny_bert_path, max_length=32, num_cpus=0.5,
+                        calibration_corpus=calibration_corpus_path),
             ModelConfig(name="tiny-roberta", model_name=tiny_roberta_path, max_length=64, num_cpus=0.5),
             ModelConfig(name="scale-a", model_name=minilm_path, dtype="float32", num_cpus=0.5,
                         autoscaling=SCALING),
