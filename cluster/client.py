@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import scipy.sparse
 from ray import serve
 from ray.serve.handle import DeploymentResponse
 
@@ -44,9 +45,17 @@ def _chunks(texts: str | list[str], answer: tuple[list[np.ndarray], list[np.ndar
             for document, table, document_vectors in zip(documents, tables, vectors)]
 
 
-def _rerank_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """A ``rerank`` call's arguments, as the handle method takes them."""
+def _call_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A method's arguments (its ``locals()``), as the handle method of the same name takes them."""
     return {key: value for key, value in arguments.items() if key != "self"}
+
+
+def _csr(dim: int, result: Any) -> scipy.sparse.csr_matrix:
+    """The rows of a sparse answer as one CSR matrix ``[inputs, dim]``."""
+    indptr = np.cumsum([0] + [len(indices) for indices, _ in result.rows])
+    indices = np.concatenate([i for i, _ in result.rows]) if result.rows else np.zeros(0, np.int32)
+    values = np.concatenate([v for _, v in result.rows]) if result.rows else np.zeros(0, np.float32)
+    return scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(result.rows), dim))
 
 
 class EmbeddingClient:
@@ -137,7 +146,7 @@ class EmbeddingClient:
         """The documents best first (the ``top_n`` best), each a ``Ranked(index, score, start, end)``:
         ``CrossEncoder.rank``'s scores for a reranker, a long document scored by its best window
         (``aggregate``) and ``start``/``end`` the characters that scored; cosine for an embedding model."""
-        return self._result(self._call("rerank_documents", **_rerank_arguments(locals())))
+        return self._result(self._call("rerank_documents", **_call_arguments(locals())))
 
     def predict(self, inputs: str | list[str] | list[list[str]], model: str | None = None, raw_scores: bool = False,
                 truncate: bool = False) -> list[list[tuple[str, float]]]:
@@ -145,6 +154,14 @@ class EmbeddingClient:
         as TEI reads it), each label with its score, best first."""
         return self._result(self._call("predict_inputs", inputs=inputs, model=model, raw_scores=raw_scores,
                                        truncate=truncate))
+
+    def embed_sparse(self, texts: str | list[str], model: str | None = None, truncate: bool = False,
+                     truncation_direction: str | None = None, prompt_name: str | None = None,
+                     prompt: str | None = None, task: str | None = None,
+                     max_active_dims: int | None = None) -> scipy.sparse.csr_matrix:
+        """Sparse (SPLADE) vectors, ``[n, vocabulary]`` float32, as ``SparseEncoder.encode`` (``task``
+        ``"query"``/``"document"``: ``encode_query`` / ``encode_document``)."""
+        return _csr(*self._result(self._call("embed_sparse_texts", **_call_arguments(locals()))))
 
     def models(self) -> list[dict]:
         """The served models and their settings."""
@@ -194,13 +211,20 @@ class EmbeddingClient:
                       raw_scores: bool = False, prompt_name: str | None = None,
                       prompt: str | None = None) -> list[Ranked]:
         """``rerank``, awaitable."""
-        return await self._aresult(self._call("rerank_documents", **_rerank_arguments(locals())))
+        return await self._aresult(self._call("rerank_documents", **_call_arguments(locals())))
 
     async def apredict(self, inputs: str | list[str] | list[list[str]], model: str | None = None,
                        raw_scores: bool = False, truncate: bool = False) -> list[list[tuple[str, float]]]:
         """``predict``, awaitable."""
         return await self._aresult(self._call("predict_inputs", inputs=inputs, model=model, raw_scores=raw_scores,
                                               truncate=truncate))
+
+    async def aembed_sparse(self, texts: str | list[str], model: str | None = None, truncate: bool = False,
+                            truncation_direction: str | None = None, prompt_name: str | None = None,
+                            prompt: str | None = None, task: str | None = None,
+                            max_active_dims: int | None = None) -> scipy.sparse.csr_matrix:
+        """``embed_sparse``, awaitable."""
+        return _csr(*await self._aresult(self._call("embed_sparse_texts", **_call_arguments(locals()))))
 
     async def amodels(self) -> list[dict]:
         return await self._aresult(self._call("list_models"))

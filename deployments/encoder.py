@@ -21,8 +21,8 @@ from deployments.batcher import ContinuousBatcher, Queued
 from deployments.errors import BadRequestError, ModelLoadError
 from deployments.loading import concurrent_batches, release_replica_weights, replica_device
 from deployments.metrics import EncoderMetrics
-from deployments.model_heads import HEADS, EmbeddingHead, EncodeItem, PairScoreHead
-from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest, ScoreResult
+from deployments.model_heads import HEADS, EmbeddingHead, EncodeItem, PairScoreHead, SparseHead
+from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest, ScoreResult, SparseRequest, SparseResult
 from deployments.settings import ModelConfig
 from deployments.weight_store import weight_bytes
 from embedder.folded_batch import FoldedBatch
@@ -63,7 +63,7 @@ class Encoder:
         self._executor = ThreadPoolExecutor(max_workers=self._batches, thread_name_prefix=f"encode-{model.name}")
         threads = max(1, model.cpu_threads // self._batches)
         try:
-            self._head: EmbeddingHead | PairScoreHead = self._executor.submit(HEADS[model.kind], model,
+            self._head: EmbeddingHead | PairScoreHead | SparseHead = self._executor.submit(HEADS[model.kind], model,
                                                                               threads).result()
         except Exception as error:
             logger.exception("model %s (%s) could not be loaded", model.name, model.model_name)
@@ -163,6 +163,20 @@ class Encoder:
         scores = self._head.scorer.finish(item.plan, output.logits, activate=request.activate,
                                           apply_softmax=request.apply_softmax, aggregate=request.aggregate)
         return ScoreResult(scores=scores, num_tokens=item.plan.num_tokens, timings=output.timings)
+
+    async def embed_sparse(self, request: SparseRequest) -> SparseResult:
+        """Sparse vectors of one request's texts (batched with other requests')."""
+        self._check_kind(("sparse",), "sparse embedding")
+        item = await asyncio.to_thread(self._head.plan, request)
+        if isinstance(item, SparseResult):
+            result = item
+        else:
+            output = await self._batcher.submit(item, weight=item.weight)
+            result = SparseResult(rows=output.rows, num_wordpieces=item.batch.num_wordpieces, timings=output.timings)
+        if request.return_tokens:
+            result.tokens = [self._head.model.tokenizer.convert_ids_to_tokens(indices.tolist())
+                             for indices, _ in result.rows]
+        return result
 
     async def _run_batch(self, queued: list[Queued]) -> list:
         started = time.monotonic()

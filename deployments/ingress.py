@@ -28,7 +28,8 @@ from deployments.rerank_schema import (
     RankedText,
     RerankRequest,
 )
-from deployments.scoring_pipeline import ScoringPipeline
+from deployments.sparse_pipeline import SparsePipeline
+from deployments.sparse_schema import EmbedSparseRequest, SparseValue
 from deployments.schema import (
     EmbedChunksRequest,
     EmbedChunksResponse,
@@ -49,7 +50,7 @@ from deployments.settings import ServingSettings
 
 @serve.deployment(name="ingress")
 @serve.ingress(app)
-class Ingress(ScoringPipeline):
+class Ingress(SparsePipeline):
     """The routes; the Python client calls the pipeline's methods through the app's handle."""
 
     def __init__(self, settings: ServingSettings, tokenizer: DeploymentHandle,
@@ -153,6 +154,19 @@ class Ingress(ScoringPipeline):
         """Each label's score, best first (TEI's schema): the folder's activation, else a softmax over
         several labels (a sigmoid for one); ``raw_scores`` gives the logits."""
         return await tei_predict(self, body)
+
+    @app.post("/embed_sparse", response_model=list[list[SparseValue]], tags=["TEI"])
+    @timed
+    async def embed_sparse(self, body: EmbedSparseRequest) -> Response:
+        """Each text's sparse (SPLADE) vector, its non-zero dimensions only (TEI's schema), with each
+        dimension's token on ``return_tokens``."""
+        _, result = await self.sparse_request(body, "embed_sparse")
+        answers = []
+        for number, (indices, values) in enumerate(result.rows):
+            tokens = result.tokens[number] if result.tokens is not None else None
+            answers.append([{"index": int(index), "value": float(value), **({"token": tokens[k]} if tokens else {})}
+                            for k, (index, value) in enumerate(zip(indices.tolist(), values.tolist()))])
+        return JSONBytesResponse(answers)
 
     @app.post("/tokenize", response_model=TokenizeResponse, tags=["native"])
     async def tokenize(self, body: TokenizeRequest) -> Response:

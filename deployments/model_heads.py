@@ -19,7 +19,7 @@ from torch import nn
 
 from deployments.errors import BadRequestError, PayloadTooLargeError
 from deployments.loading import load_encoder, replica_device
-from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest
+from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest, SparseRequest, SparseResult
 from deployments.settings import ModelConfig
 from embedder.chunking import TooManyChunksError
 from embedder.cross_encoder import CrossEncoderScorer, ScoringPlan
@@ -28,6 +28,7 @@ from embedder.folded_batch import FoldedBatch
 from embedder.inference import EncodeStats, encode_folded
 from embedder.pair_windows import InputTooLongError
 from embedder.sentence_pooling import check_pooling_modes
+from embedder.sparse_encoder import SparseEncoderModel, check_max_active_dims
 from embedder.transformer_embedder import check_type_ids
 
 WARM_UP_TEXT = "warm up the encoder"
@@ -229,8 +230,128 @@ class PairScoreHead:
         }
 
 
-HEADS: dict[str, type[EmbeddingHead] | type[PairScoreHead]] = {
+@dataclass(frozen=True)
+class SparseItem:
+    """One sparse request's folded inputs and its ``max_active_dims``, as queued for a batch."""
+
+    batch: FoldedBatch
+    max_active_dims: int | None
+    tokenize_ms: float
+
+    @property
+    def weight(self) -> int:
+        return self.batch.num_tokens
+
+
+@dataclass
+class SparseOutput:
+    """A sparse batch's answer for one item: each input's non-zeros as ``(indices, values)``."""
+
+    rows: list[tuple[np.ndarray, np.ndarray]]
+    timings: dict[str, float]
+
+
+def csr_rows(matrix) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row of a CSR matrix as ``(indices ascending, values)``."""
+    matrix.sort_indices()
+    return [(matrix.indices[start:end].astype(np.int32), matrix.data[start:end].astype(np.float32))
+            for start, end in zip(matrix.indptr[:-1], matrix.indptr[1:])]
+
+
+class SparseHead:
+    """SPLADE vectors of a sentence-transformers ``SparseEncoder`` folder (``embedder.sparse_encoder``):
+    long inputs folded, the masked-LM's logits reduced sub-batch by sub-batch of at most
+    ``SUB_BATCH_TOKENS`` tokens (2048 wordpieces against a 30k vocabulary are 250 MB of float32
+    logits), only the non-zeros kept. Its weights load from disk in each replica."""
+
+    kind = "sparse"
+    SUB_BATCH_TOKENS = 2048
+
+    def __init__(self, model: ModelConfig, threads: int) -> None:
+        self._config = model
+        device = replica_device(model)
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.model = SparseEncoderModel(model.model_name, max_length=model.max_length,
+                                        dtype=choose_dtype(model.dtype, device), device=str(device))
+        self.weights_source = "disk, no store"
+        self.device, self.dtype = self.model.device, next(self.model.model.parameters()).dtype
+        self.weights: nn.Module = self.model.model
+        self.probe = SparseItem(self.model.indexer.fold([WARM_UP_TEXT]), None, 0.0)
+
+    def probe_digest(self, result: SparseOutput) -> str:
+        values = np.concatenate([values for _, values in result.rows])
+        if not np.isfinite(values).all():
+            raise RuntimeError(f"model {self._config.name!r} answers non-finite vectors")
+        return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
+
+    def validate(self, item: SparseItem) -> None:
+        """Nothing: planning checked the request."""
+
+    def plan(self, request: SparseRequest) -> SparseItem | SparseResult:
+        """The request folded for a batch; or, on a static route (inference-free SPLADE's queries: no
+        transformer), its answer at once. 400/413 errors name the problem and the limit."""
+        started = time.perf_counter()
+        try:
+            route = self.model.route(request.task)
+            if route in self.model.static_routes:
+                matrix = self.model.encode(request.texts, truncate=request.truncate, prompt=request.prompt,
+                                           task=request.task, max_active_dims=request.max_active_dims)
+                counts = np.array([len(ids) for ids in self.model.static_routes[route].tokenizer(
+                    [request.prompt + text for text in request.texts], add_special_tokens=False)["input_ids"]])
+                return SparseResult(csr_rows(matrix), counts,
+                                    timings={"tokenization_ms": 1000 * (time.perf_counter() - started)})
+            check_max_active_dims(request.max_active_dims)
+            batch = self.model.indexer.fold(request.texts, truncate=request.truncate,
+                                            truncation_direction=request.truncation_direction,
+                                            prompt=request.prompt or None)
+        except (TypeError, ValueError) as error:
+            raise BadRequestError(f"model {self._config.name!r}: {error}") from None
+        total = int(batch.num_wordpieces.sum())
+        if request.max_tokens is not None and total > request.max_tokens:
+            raise PayloadTooLargeError(f"the request has {total} wordpieces, over the limit "
+                                       f"max_wordpieces_per_request={request.max_tokens}; split it into smaller "
+                                       "requests")
+        return SparseItem(batch, request.max_active_dims, 1000 * (time.perf_counter() - started))
+
+    def run(self, items: list[SparseItem], stats: EncodeStats) -> list[SparseOutput]:
+        """Every item's inputs in one pass; items with the same ``max_active_dims`` share it."""
+        groups: dict[int | None, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.max_active_dims].append(index)
+        outputs: list[SparseOutput | None] = [None] * len(items)
+        for max_active_dims, indices in groups.items():
+            batch = FoldedBatch.concat([items[i].batch for i in indices])
+            stats.real_tokens += batch.num_tokens
+            rows = csr_rows(self.model.encode_folded(batch, max_active_dims=max_active_dims,
+                                                     max_batch_tokens=self.SUB_BATCH_TOKENS))
+            bounds = np.cumsum([0] + [items[i].batch.num_inputs for i in indices])
+            for i, start, end in zip(indices, bounds[:-1], bounds[1:]):
+                outputs[i] = SparseOutput(rows[start:end], {})
+        return outputs
+
+    def info(self) -> dict:
+        folder = self.model.folder
+        return {
+            "kind": self.kind,
+            "model_name": self._config.model_name,
+            "dim": self.model.vocab_size,
+            "max_length": self.model.max_length,
+            "layers": int(getattr(self.model.config, "num_hidden_layers", 0) or getattr(self.model.config, "n_layers", 0)),
+            "pooling": [],
+            "splade_pooling": folder.pooling_strategy,
+            "activation": folder.activation_function,
+            "max_active_dims": folder.max_active_dims,
+            "routes": list(folder.routes),
+            "default_route": folder.default_route,
+            "prompts": self._config.prompts or {},
+            "default_prompt_name": self._config.default_prompt_name or None,
+        }
+
+
+HEADS: dict[str, type[EmbeddingHead] | type[PairScoreHead] | type[SparseHead]] = {
     "embedding": EmbeddingHead,
     "reranker": PairScoreHead,
     "classifier": PairScoreHead,
+    "sparse": SparseHead,
 }

@@ -144,3 +144,35 @@ class Ranked:
     score: float
     start: int
     end: int
+
+
+@dataclass(frozen=True)
+class SparseRequest:
+    """What a sparse encoder encodes: texts, with the prompt text already chosen (``""``: none), the
+    route of an inference-free model (``task``: ``query``/``document``; ``None``: its default), the
+    request's ``max_active_dims`` and its wordpiece limit."""
+
+    model: str
+    texts: list[str]
+    truncate: bool = False
+    truncation_direction: TruncationDirection | None = None
+    prompt: str = ""
+    task: str | None = None
+    max_active_dims: int | None = None
+    return_tokens: bool = False
+    max_tokens: int | None = None
+
+    @property
+    def num_chars(self) -> int:
+        return sum(map(len, self.texts))
+
+
+@dataclass
+class SparseResult:
+    """Each input's sparse vector as ``(indices, values)`` (indices ascending, non-zeros only), each
+    input's wordpieces, each entry's token when asked for, and the stages' timings."""
+
+    rows: list[tuple[np.ndarray, np.ndarray]]
+    num_wordpieces: np.ndarray
+    tokens: list[list[str]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)

@@ -244,9 +244,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(..., description="When the ingress started serving it (Unix seconds), as OpenAI's field.")
     owned_by: str = "embedding-cluster"
-    kind: Literal["embedding", "reranker", "classifier"] = Field(
-        ..., description="What the folder holds: an embedding model (/embed...), a reranker (/rerank, /predict) or a "
-                         "classifier (/predict).")
+    kind: Literal["embedding", "reranker", "classifier", "sparse"] = Field(
+        ..., description="What the folder holds: an embedding model (/embed...), a reranker (/rerank, /predict), a "
+                         "classifier (/predict) or a sparse encoder (/embed_sparse).")
     model_name: str
     dtype: str = Field(..., description="The replicas' dtype, or 'mixed' (then see dtypes).")
     dtypes: list[str] = Field(default_factory=list, description="Every dtype the replicas asked answered (each "
@@ -259,7 +259,7 @@ class ModelCard(BaseModel):
     prompts: dict[str, str]
     default_prompt_name: str | None
     dim: int | None = Field(None, description="Embedding models: the sentence vector's dimension (after any Dense "
-                                              "module).")
+                                              "module); sparse models: the vocabulary's size.")
     wordpiece_dim: int | None = Field(None, description="Embedding models: the dimension of /embed_tokens vectors.")
     last_layer_only: bool | None = None
     pooling: list[Pooling] | None = None
@@ -275,6 +275,11 @@ class ModelCard(BaseModel):
     labels: list[str] | None = Field(None, description="Rerankers and classifiers: the labels (config.json id2label).")
     activation: str | None = Field(None, description="Rerankers and classifiers: the activation on the logits, as "
                                                      "sentence-transformers' CrossEncoder applies it.")
+    splade_pooling: str | None = Field(None, description="Sparse models: SpladePooling's strategy (max or sum).")
+    max_active_dims: int | None = Field(None, description="Sparse models: the folder's default top-k, if any.")
+    routes: list[str] | None = Field(None, description="Inference-free sparse models: the routes a request's task "
+                                                       "picks.")
+    default_route: str | None = None
     activation_source: str | None = Field(None, description="Where the activation comes from (the folder's file and "
                                                             "key, or sentence-transformers' default).")
     status: str | None = Field(None, description="The encoder deployment's status (HEALTHY, UPSCALING, "

@@ -14,12 +14,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from ray.serve.config import AutoscalingConfig
 
-from embedder.cross_encoder import CrossEncoderSettings, resolve_cross_encoder
+from embedder.cross_encoder import resolve_cross_encoder
 from embedder.model_kind import ModelKind, read_model_kind
 from embedder.quantization import QuantizationRanges, calibration_ranges, load_ranges_file, read_calibration_corpus
 from embedder.sentence_encoder import SentenceSettings, resolve_sentence_settings
 from embedder.sentence_folder import resolve_prompt
 from embedder.sentence_pooling import PoolingMode
+from embedder.sparse_encoder import resolve_sparse_encoder
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 #: Token budget of one encoder batch: measured best on a 2-core CPU (README, Performance); a GPU wants far more.
@@ -165,16 +166,21 @@ class ModelConfig(ReplicaSettings):
         except (OSError, ValueError) as error:
             raise ValueError(f"model {self.name!r} cannot be served: {error}") from None
 
-    def cross_encoder_settings(self) -> CrossEncoderSettings:
-        """A reranker or classifier folder read with this config's length; ``ValueError`` naming the
-        model for settings that only embedding models take (they would change nothing it scores)."""
+    def _folder_settings(self) -> tuple[int, dict[str, str], str | None]:
+        """A reranker's, classifier's or sparse encoder's length, prompts and default prompt name, read
+        from its folder with this config's length; ``ValueError`` naming the model for what cannot be
+        served, and for settings that only embedding models take (they would change nothing here)."""
         embedding_only = {key: getattr(self, key) for key in _EMBEDDING_ONLY_FIELDS
                           if getattr(self, key) != ModelConfig.model_fields[key].get_default(call_default_factory=True)}
         if embedding_only:
-            raise ValueError(f"model {self.name!r} is a {self.kind} ({self.model_name}): "
+            raise ValueError(f"model {self.name!r} is a {self.kind} model ({self.model_name}): "
                              f"{', '.join(sorted(embedding_only))} only apply to embedding models; remove them")
         try:
-            return resolve_cross_encoder(self.model_name, self.max_length)
+            if self.kind == "sparse":
+                sparse, length = resolve_sparse_encoder(self.model_name, self.max_length)
+                return length, sparse.prompts, sparse.default_prompt_name
+            settings = resolve_cross_encoder(self.model_name, self.max_length)
+            return settings.max_length, settings.folder.prompts, settings.folder.default_prompt_name
         except (OSError, ValueError) as error:
             raise ValueError(f"model {self.name!r} cannot be served: {error}") from None
 
@@ -182,14 +188,13 @@ class ModelConfig(ReplicaSettings):
         """This config with every setting its folder decides made explicit (length, pooling,
         normalization, prompts), so that every replica and ``GET /models`` agree on them."""
         if self.kind != "embedding":
-            settings = self.cross_encoder_settings()
-            prompts = {**settings.folder.prompts, **(self.prompts or {})}
-            default = settings.folder.default_prompt_name if self.default_prompt_name is None \
-                else self.default_prompt_name
+            length, folder_prompts, folder_default = self._folder_settings()
+            prompts = {**folder_prompts, **(self.prompts or {})}
+            default = folder_default if self.default_prompt_name is None else self.default_prompt_name
             if default and default not in prompts:
                 raise ValueError(f"model {self.name!r}: default_prompt_name {default!r} is not one of its prompts "
                                  f"{sorted(prompts)}")
-            resolved = self.model_copy(update={"max_length": settings.max_length, "prompts": prompts,
+            resolved = self.model_copy(update={"max_length": length, "prompts": prompts,
                                                "default_prompt_name": default or ""})
             resolved._kind = self.kind
             return resolved
@@ -261,7 +266,8 @@ class ModelConfig(ReplicaSettings):
         return resolve_prompt(self.prompts or {}, self.default_prompt_name or None, prompt_name, prompt)
 
 
-#: ModelConfig fields that change how an embedding model embeds, and nothing a cross-encoder scores.
+#: ModelConfig fields that change how an embedding model embeds, and nothing a cross-encoder or a sparse
+#: encoder computes.
 _EMBEDDING_ONLY_FIELDS = ("pooling", "normalize", "sub_module", "override_weights_file",
                           "override_weights_strip_prefix", "tokenizer_kwargs", "transformer_kwargs", "last_layer_only",
                           "quantization_ranges", "calibration_corpus")

@@ -7,10 +7,12 @@ from typing import Literal, get_args
 
 from embedder.cross_encoder import read_cross_encoder_folder
 from embedder.sentence_folder import read_json
+from embedder.sparse_encoder import is_sparse_encoder_folder
 
 #: embedding: a SentenceTransformer (or any transformer, pooled); reranker: a one-label CrossEncoder,
-#: scoring (query, document) pairs; classifier: a CrossEncoder with several labels.
-ModelKind = Literal["embedding", "reranker", "classifier"]
+#: scoring (query, document) pairs; classifier: a CrossEncoder with several labels; sparse: a
+#: SparseEncoder (SPLADE).
+ModelKind = Literal["embedding", "reranker", "classifier", "sparse"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 
 
@@ -27,8 +29,10 @@ def is_cross_encoder_folder(model_name: str | Path) -> bool:
 
 
 def read_model_kind(model_name: str | Path) -> ModelKind:
-    """The folder's kind: a cross-encoder with one label is a reranker, with more a classifier;
-    anything else is served as an embedding model."""
+    """The folder's kind: a SparseEncoder is sparse; a cross-encoder with one label is a reranker,
+    with more a classifier; anything else is served as an embedding model."""
+    if is_sparse_encoder_folder(model_name):
+        return "sparse"
     if not is_cross_encoder_folder(model_name):
         return "embedding"
     return "reranker" if read_cross_encoder_folder(model_name).num_labels == 1 else "classifier"

@@ -302,6 +302,21 @@ def input_groups(batch: FoldedBatch, max_group_tokens: int, max_inputs: int) -> 
     return groups
 
 
+def resolve_sparse_encoder(model_name: str | Path, max_length: int | None = None,
+                           tokenizer_kwargs: dict[str, Any] | None = None) -> tuple[SparseFolder, int]:
+    """A SparseEncoder folder read, and the length its inputs are folded at (``max_length`` overrides
+    the folder's); ``UnsupportedModelError`` for what cannot be reproduced. No weights are loaded."""
+    folder = read_sparse_folder(model_name)
+    tokenizer = get_tokenizer(folder.transformer_path, **{**folder.tokenizer_kwargs, **(tokenizer_kwargs or {})})
+    if folder.do_lower_case and tokenizer.tokenize(_LOWERCASE_PROBE) != tokenizer.tokenize(_LOWERCASE_PROBE.lower()):
+        raise UnsupportedModelError(f"{model_name}: sentence_bert_config.json asks for do_lower_case, which its "
+                                    "tokenizer does not do; lowercase texts before sending them and set it to false")
+    config = AutoConfig.from_pretrained(folder.transformer_path, **folder.config_kwargs)
+    length = resolve_max_length(max_length, model_name=str(model_name), max_seq_length=folder.max_seq_length,
+                                tokenizer=tokenizer, config=config)
+    return folder, length
+
+
 class SparseEncoderModel:
     """SPLADE vectors from a sentence-transformers ``SparseEncoder`` folder, equal to
     ``SparseEncoder(folder).encode`` on inputs that fit; longer inputs are folded (each segment
@@ -318,17 +333,10 @@ class SparseEncoderModel:
         tokenizer_kwargs: dict[str, Any] | None = None,
         transformer_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        self.folder = read_sparse_folder(model_name)
+        self.folder, self.max_length = resolve_sparse_encoder(model_name, max_length, tokenizer_kwargs)
         folder = self.folder
         self.tokenizer_kwargs = {**folder.tokenizer_kwargs, **(tokenizer_kwargs or {})}
         self.transformer_kwargs = {**folder.config_kwargs, **(transformer_kwargs or {})}
-        tokenizer = get_tokenizer(folder.transformer_path, **self.tokenizer_kwargs)
-        if folder.do_lower_case and tokenizer.tokenize(_LOWERCASE_PROBE) != tokenizer.tokenize(_LOWERCASE_PROBE.lower()):
-            raise UnsupportedModelError(f"{model_name}: sentence_bert_config.json asks for do_lower_case, which its "
-                                        "tokenizer does not do; lowercase texts before sending them and set it to false")
-        config = AutoConfig.from_pretrained(folder.transformer_path, **folder.config_kwargs)
-        self.max_length = resolve_max_length(max_length, model_name=str(model_name),
-                                             max_seq_length=folder.max_seq_length, tokenizer=tokenizer, config=config)
         self.indexer = PretrainedTransformerIndexer(folder.transformer_path, max_length=self.max_length,
                                                     tokenizer_kwargs=self.tokenizer_kwargs or None)
         target = resolve_device(device)

@@ -14,9 +14,8 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
-from sparse_folders import SPARSE_SETUPS, build_sparse, set_module_type, write_json
+from sparse_folders import SPARSE_SETUPS, build_sparse, masked_lm_reference, set_module_type, write_json
 from st_folders import LONG_TEXTS, TEXTS
 
 from embedder.sentence_folder import UnsupportedModelError
@@ -61,35 +60,6 @@ def assert_same_vectors(actual: np.ndarray, expected: np.ndarray, rtol: float = 
     np.testing.assert_array_equal(actual != 0, expected != 0)
     np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=rtol)
     return float(np.abs(actual - expected).max())
-
-
-def masked_lm_reference(folder: str, text: str, max_length: int, prompt: str | None = None) -> np.ndarray:
-    """SpladePooling over the unfolded sequence, from the plain masked-LM run on each segment alone:
-    the text's wordpieces (from the tokenizer, no specials) cut into ``max_length - 2`` pieces, each
-    wrapped in [CLS] ... [SEP]; the first segment's [CLS], every segment's text wordpieces and the
-    last segment's [SEP] are pooled (the inner specials are not wordpieces of the text)."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    settings = read_sparse_folder(folder)
-    tokenizer = AutoTokenizer.from_pretrained(settings.transformer_path)
-    model = AutoModelForMaskedLM.from_pretrained(settings.transformer_path, dtype=torch.float32).eval()
-    pieces = tokenizer((prompt or "") + text, add_special_tokens=False)["input_ids"]
-    chunk = max_length - 2
-    cut = [pieces[i:i + chunk] for i in range(0, len(pieces), chunk)]
-    per_position = []
-    with torch.no_grad():
-        for index, part in enumerate(cut):
-            ids = torch.tensor([[tokenizer.cls_token_id, *part, tokenizer.sep_token_id]])
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-            values = torch.log1p(torch.relu(logits))
-            if settings.activation_function == "log1p_relu":
-                values = torch.log1p(values)
-            lo = 0 if index == 0 else 1
-            hi = len(part) + 2 if index == len(cut) - 1 else len(part) + 1
-            per_position.append(values[lo:hi])
-    values = torch.cat(per_position)
-    pooled = values.amax(0) if settings.pooling_strategy == "max" else values.sum(0)
-    return pooled.numpy()
 
 
 def test_folders_are_sparse_encoders(sparse_folders, tiny_bert_path):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from st_folders import HIDDEN, INIT_RANGE, copy_minilm_tokenizer, write_json
@@ -200,3 +201,34 @@ def set_module_type(folder: Path, index: int, module_type: str) -> None:
     modules = json.loads((folder / "modules.json").read_text())
     modules[index]["type"] = module_type
     write_json(folder / "modules.json", modules)
+
+
+def masked_lm_reference(folder: str, text: str, max_length: int, prompt: str | None = None) -> np.ndarray:
+    """SpladePooling over the unfolded sequence, from the plain masked-LM run on each segment alone:
+    the text's wordpieces (from the tokenizer, no specials) cut into ``max_length - 2`` pieces, each
+    wrapped in [CLS] ... [SEP]; the first segment's [CLS], every segment's text wordpieces and the
+    last segment's [SEP] are pooled (the inner specials are not wordpieces of the text)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from embedder.sparse_encoder import read_sparse_folder
+
+    settings = read_sparse_folder(folder)
+    tokenizer = AutoTokenizer.from_pretrained(settings.transformer_path)
+    model = AutoModelForMaskedLM.from_pretrained(settings.transformer_path, dtype=torch.float32).eval()
+    pieces = tokenizer((prompt or "") + text, add_special_tokens=False)["input_ids"]
+    chunk = max_length - 2
+    cut = [pieces[i:i + chunk] for i in range(0, len(pieces), chunk)]
+    per_position = []
+    with torch.no_grad():
+        for index, part in enumerate(cut):
+            ids = torch.tensor([[tokenizer.cls_token_id, *part, tokenizer.sep_token_id]])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            values = torch.log1p(torch.relu(logits))
+            if settings.activation_function == "log1p_relu":
+                values = torch.log1p(values)
+            lo = 0 if index == 0 else 1
+            hi = len(part) + 2 if index == len(cut) - 1 else len(part) + 1
+            per_position.append(values[lo:hi])
+    values = torch.cat(per_position)
+    pooled = values.amax(0) if settings.pooling_strategy == "max" else values.sum(0)
+    return pooled.numpy()

@@ -1,0 +1,49 @@
+"""``SparsePipeline``: sparse (SPLADE) embedding requests, and their handle API.
+
+A sparse encoder (a sentence-transformers ``SparseEncoder`` folder) encodes through its encoder
+deployment's sparse head: the replica folds the texts, runs the masked-LM in token-bounded
+sub-batches with other requests' texts, and gives back only each vector's non-zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deployments.protocol import SparseRequest, SparseResult
+from deployments.scoring_pipeline import ScoringPipeline
+from deployments.sparse_schema import EmbedSparseRequest
+from deployments.validation import check_texts, parse_request
+
+#: The prompts ``SparseEncoder.encode_query`` / ``encode_document`` use when a request names none.
+TASK_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
+
+class SparsePipeline(ScoringPipeline):
+    """The scoring pipeline, plus sparse embeddings (``/embed_sparse``)."""
+
+    async def sparse_request(self, body: EmbedSparseRequest, route: str) -> tuple[int, SparseResult]:
+        """The model's vocabulary size and each text's sparse vector."""
+        name = self._model(body.model, ("sparse",), route)
+        texts = check_texts(body.inputs, self._limits)
+        prompt_name = body.prompt_name
+        if prompt_name is None and body.prompt is None and body.task is not None:
+            prompts = self._configs[name].prompts or {}
+            prompt_name = next((key for key in TASK_PROMPTS[body.task] if key in prompts), None)
+        request = SparseRequest(model=name, texts=texts, truncate=body.truncate,
+                                truncation_direction=body.truncation_direction,
+                                prompt=self._prompt(name, prompt_name, body.prompt) or "", task=body.task,
+                                max_active_dims=body.max_active_dims, return_tokens=body.return_tokens,
+                                max_tokens=self._limits.max_wordpieces_per_request)
+        result = await self._call_model(name, route, lambda: self._encoders[name].embed_sparse.remote(request),
+                                        request.num_chars)
+        return (await self._model_info(name))["dim"], result
+
+    async def embed_sparse_texts(self, texts: Any, model: str | None = None, truncate: bool = False,
+                                 truncation_direction: str | None = None, prompt_name: str | None = None,
+                                 prompt: str | None = None, task: str | None = None,
+                                 max_active_dims: int | None = None) -> tuple[int, SparseResult]:
+        """``POST /embed_sparse`` by handle."""
+        body = parse_request(EmbedSparseRequest, inputs=texts, model=model, truncate=truncate,
+                             truncation_direction=truncation_direction, prompt_name=prompt_name, prompt=prompt,
+                             task=task, max_active_dims=max_active_dims)
+        return await self.sparse_request(body, "handle")
