@@ -118,5 +118,5 @@ def test_a_request_that_may_have_killed_its_replica_is_not_resent(tiny_bert_path
                                  tokenizer=None, encoders={})
     call = _DyingReplica()
     with pytest.raises(ReplicaFailedError):
-        asyncio.run(pipeline._retrying(call, FoldRequest(model="tiny", texts=["x" * characters])))
+        asyncio.run(pipeline._retrying(call, FoldRequest(model="tiny", texts=["x" * characters]).tokenizing_cost))
     assert call.calls == sent
