@@ -21,6 +21,7 @@ from deployments.errors import BadRequestError, PayloadTooLargeError
 from deployments.loading import load_encoder, replica_device
 from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest, SparseRequest, SparseResult
 from deployments.settings import ModelConfig
+from deployments.validation import check_wordpieces
 from embedder.chunking import TooManyChunksError
 from embedder.cross_encoder import CrossEncoderScorer, ScoringPlan
 from embedder.devices import choose_dtype
@@ -295,10 +296,12 @@ class SparseHead:
         try:
             route = self.model.route(request.task)
             if route in self.model.static_routes:
-                matrix = self.model.encode(request.texts, truncate=request.truncate, prompt=request.prompt,
-                                           task=request.task, max_active_dims=request.max_active_dims)
                 counts = np.array([len(ids) for ids in self.model.static_routes[route].tokenizer(
                     [request.prompt + text for text in request.texts], add_special_tokens=False)["input_ids"]])
+                if request.max_tokens is not None:
+                    check_wordpieces(int(counts.sum()), request.max_tokens)
+                matrix = self.model.encode(request.texts, truncate=request.truncate, prompt=request.prompt,
+                                           task=request.task, max_active_dims=request.max_active_dims)
                 return SparseResult(csr_rows(matrix), counts,
                                     timings={"tokenization_ms": 1000 * (time.perf_counter() - started)})
             check_max_active_dims(request.max_active_dims)
@@ -307,11 +310,8 @@ class SparseHead:
                                             prompt=request.prompt or None)
         except (TypeError, ValueError) as error:
             raise BadRequestError(f"model {self._config.name!r}: {error}") from None
-        total = int(batch.num_wordpieces.sum())
-        if request.max_tokens is not None and total > request.max_tokens:
-            raise PayloadTooLargeError(f"the request has {total} wordpieces, over the limit "
-                                       f"max_wordpieces_per_request={request.max_tokens}; split it into smaller "
-                                       "requests")
+        if request.max_tokens is not None:
+            check_wordpieces(int(batch.num_wordpieces.sum()), request.max_tokens)
         return SparseItem(batch, request.max_active_dims, 1000 * (time.perf_counter() - started))
 
     def run(self, items: list[SparseItem], stats: EncodeStats) -> list[SparseOutput]:

@@ -15,6 +15,7 @@ from deployments.errors import BadRequestError, PayloadTooLargeError, UnknownMod
 from deployments.loading import load_indexer
 from deployments.protocol import FoldRequest
 from deployments.settings import LimitsSettings, ModelConfig
+from deployments.validation import check_wordpieces
 from embedder.chunking import TooManyChunksError
 from embedder.folded_batch import FoldedBatch
 
@@ -54,11 +55,7 @@ class RequestFolder:
                 "overlap or fewer documents per request") from None
         except (TypeError, ValueError) as error:
             raise BadRequestError(str(error)) from None
-        total = int(batch.num_wordpieces.sum())
-        if total > limits.max_wordpieces_per_request:
-            raise PayloadTooLargeError(
-                f"the request has {total} wordpieces, over the limit max_wordpieces_per_request="
-                f"{limits.max_wordpieces_per_request}; split it into smaller requests")
+        check_wordpieces(int(batch.num_wordpieces.sum()), limits.max_wordpieces_per_request)
         if batch.has_chunks:
             pooled = int((batch.chunk_spans[:, 1] - batch.chunk_spans[:, 0]).sum())
             if pooled > limits.max_chunk_wordpieces_per_request:

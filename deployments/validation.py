@@ -72,6 +72,13 @@ def check_count(count: int, limits: LimitsSettings) -> None:
                                    f"max_inputs_per_request={limits.max_inputs_per_request}")
 
 
+def check_wordpieces(total: int, limit: int) -> None:
+    """413 when a request's ``total`` wordpieces are over ``max_wordpieces_per_request`` (``limit``)."""
+    if total > limit:
+        raise PayloadTooLargeError(f"the request has {total} wordpieces, over the limit "
+                                   f"max_wordpieces_per_request={limit}; split it into smaller requests")
+
+
 def check_words(value: Any, limits: LimitsSettings) -> list[list[str]]:
     """A non-empty list of non-empty lists of strings, within the limits."""
     if not isinstance(value, (list, tuple)) or not value:

@@ -224,11 +224,7 @@ def read_sentence_folder(model_name: str | Path) -> SentenceFolder:
     if model_type != "SentenceTransformer":
         raise UnsupportedModelError(f"{model_name}: a {model_type} model, not a SentenceTransformer "
                                     "(dense sentence embeddings)")
-    prompts = {**DEFAULT_PROMPTS, **(settings.get("prompts") or {})}
-    default_prompt_name = settings.get("default_prompt_name")
-    if default_prompt_name is not None and default_prompt_name not in prompts:
-        raise UnsupportedModelError(f"{model_name}: default_prompt_name {default_prompt_name!r} is not one of its "
-                                    f"prompts {sorted(prompts)}")
+    prompts, default_prompt_name = read_prompts(model_name, settings)
     transformer_path = model_name if not transformer_dir else str(Path(model_name) / transformer_dir)
     return SentenceFolder(
         model_name=model_name,
@@ -253,6 +249,17 @@ def _encoder_only_class(model_name: str, transformer_path: str) -> str | None:
     if not isinstance(config, dict):
         raise UnsupportedModelError(f"{model_name}: no config.json for the transformer in {transformer_path}")
     return ENCODER_ONLY_CLASSES.get(config.get("model_type", ""))
+
+
+def read_prompts(model_name: str, settings: dict) -> tuple[dict[str, str], str | None]:
+    """The prompts of a ``config_sentence_transformers.json`` (the empty ``query`` and ``document``
+    ones sentence-transformers adds unless it sets them) and its default prompt's name, checked."""
+    prompts = {**DEFAULT_PROMPTS, **(settings.get("prompts") or {})}
+    default_prompt_name = settings.get("default_prompt_name")
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise UnsupportedModelError(f"{model_name}: default_prompt_name {default_prompt_name!r} is not one of its "
+                                    f"prompts {sorted(prompts)}")
+    return prompts, default_prompt_name
 
 
 def resolve_prompt(prompts: dict[str, str], default_prompt_name: str | None, prompt_name: str | None = None,

@@ -46,6 +46,7 @@ from embedder.sentence_folder import (
     UnsupportedModelError,
     _join,
     read_json,
+    read_prompts,
     resolve_prompt,
 )
 from embedder.transformer_embedder import check_type_ids, number_of_token_type_embeddings, run_transformer
@@ -222,11 +223,7 @@ def read_sparse_folder(model_name: str | Path) -> SparseFolder:
                                     "log1p_relu)")
     if pooling.get("chunk_size"):
         logger.info("%s: SpladePooling's chunk_size only changes its memory, not its vectors", model_name)
-    prompts = {**DEFAULT_PROMPTS, **(settings.get("prompts") or {})}
-    default_prompt_name = settings.get("default_prompt_name")
-    if default_prompt_name is not None and default_prompt_name not in prompts:
-        raise UnsupportedModelError(f"{model_name}: default_prompt_name {default_prompt_name!r} is not one of its "
-                                    f"prompts {sorted(prompts)}")
+    prompts, default_prompt_name = read_prompts(model_name, settings)
     max_active_dims = settings.get("max_active_dims")
     if max_active_dims is not None and (isinstance(max_active_dims, bool) or not isinstance(max_active_dims, int)
                                         or max_active_dims <= 0):
