@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,6 +121,30 @@ def serve_cluster(cluster_config, guarded_config) -> RunningCluster:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def module_app(serve_cluster):
+    """A context manager that runs an app of a test module's own on the session's cluster (its
+    tokenizer and ingress on tiny CPU shares) and yields its URL; the app and its weights in the
+    store go when it exits."""
+    from ray import serve
+
+    from cluster.app import build_app
+    from deployments.weight_store import release_weights
+
+    @contextlib.contextmanager
+    def run(app_name: str, route_prefix: str, models: list[ModelConfig], **settings):
+        config = ClusterConfig(app_name=app_name, route_prefix=route_prefix, tokenizer={"num_cpus": 0.05},
+                               ingress={"num_cpus": 0.05}, models=models, **settings)
+        serve.run(build_app(config), name=app_name, route_prefix=route_prefix)
+        try:
+            yield serve_cluster.url + route_prefix
+        finally:
+            serve.delete(app_name)
+            release_weights(f"{app_name}/")
+
+    return run
 
 
 @pytest.fixture(scope="session")

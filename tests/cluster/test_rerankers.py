@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import ClusterConfig, LimitsSettings, ModelConfig
+from cluster.config import LimitsSettings, ModelConfig
 from reranker_folders import LLM_RERANKERS, RERANKERS, build_rerankers
 from st_folders import TEXTS
 
@@ -33,21 +33,11 @@ def folders(tmp_path_factory, minilm_path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def rerank_url(serve_cluster, folders) -> str:
-    from ray import serve
-
-    from cluster.app import build_app
-
-    config = ClusterConfig(
-        app_name=APP_NAME, route_prefix=ROUTE_PREFIX, tokenizer={"num_cpus": 0.05}, ingress={"num_cpus": 0.05},
-        limits=LimitsSettings(max_chunks_per_request=40),
-        models=[ModelConfig(name=name, model_name=folders[name], dtype="float32", num_cpus=0.05, torch_threads=1)
-                for name in SERVED])
-    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-    try:
-        yield serve_cluster.url + ROUTE_PREFIX
-    finally:
-        serve.delete(APP_NAME)
+def rerank_url(module_app, folders) -> str:
+    models = [ModelConfig(name=name, model_name=folders[name], dtype="float32", num_cpus=0.05, torch_threads=1)
+              for name in SERVED]
+    with module_app(APP_NAME, ROUTE_PREFIX, models, limits=LimitsSettings(max_chunks_per_request=40)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +198,13 @@ def test_the_handle_reranks_and_predicts(rerank_url, reference):
         if r.index < len(DOCUMENTS):
             assert abs(r.score - expected[r.index]) <= TOLERANCE and (r.start, r.end) == (0, len(DOCUMENTS[r.index]))
     assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
-    predictions = client.predict([[QUERY, TEXTS[1]], [TEXTS[2], QUERY]], model="bert-3-labels")
-    assert len(predictions) == 2 and len(predictions[0]) == 3
+    pairs = [(QUERY, TEXTS[1]), (TEXTS[2], QUERY)]
+    predictions = client.predict([list(pair) for pair in pairs], model="bert-3-labels")
+    classifier = reference("bert-3-labels")
+    labels = [classifier.model.config.id2label[i] for i in range(3)]
+    for predicted, probabilities in zip(predictions, classifier.predict(pairs, apply_softmax=True)):
+        assert [score for _, score in predicted] == sorted((score for _, score in predicted), reverse=True)
+        assert max(abs(dict(predicted)[label] - value) for label, value in zip(labels, probabilities)) <= TOLERANCE
     awaited = asyncio.run(client.arerank(QUERY, DOCUMENTS, model="bert-plain"))
     assert [r.index for r in awaited] == list(np.argsort(-expected))
     assert asyncio.run(client.apredict([[QUERY, TEXTS[1]], [TEXTS[2], QUERY]], model="bert-3-labels")) == predictions

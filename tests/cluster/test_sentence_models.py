@@ -12,8 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.config import ClusterConfig, ModelConfig
-from deployments.weight_store import release_weights
+from cluster.config import ModelConfig
 from st_folders import LONG_TEXTS, SETUPS, TEXTS
 
 SETUP_NAMES = [spec.name for spec in SETUPS]
@@ -22,21 +21,11 @@ ROUTE_PREFIX = "/st"
 
 
 @pytest.fixture(scope="module")
-def st_url(serve_cluster, st_folders) -> str:
-    from ray import serve
-
-    from cluster.app import build_app
-
-    config = ClusterConfig(
-        app_name=APP_NAME, route_prefix=ROUTE_PREFIX, tokenizer={"num_cpus": 0.05}, ingress={"num_cpus": 0.05},
-        models=[ModelConfig(name=f"st-{setup}", model_name=path, dtype="float32", num_cpus=0.05)
-                for setup, path in st_folders.items()])
-    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-    try:
-        yield serve_cluster.url + ROUTE_PREFIX
-    finally:
-        serve.delete(APP_NAME)
-        release_weights(f"{APP_NAME}/")
+def st_url(module_app, st_folders) -> str:
+    models = [ModelConfig(name=f"st-{setup}", model_name=path, dtype="float32", num_cpus=0.05)
+              for setup, path in st_folders.items()]
+    with module_app(APP_NAME, ROUTE_PREFIX, models) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

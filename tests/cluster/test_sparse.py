@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from cluster.config import ClusterConfig, ModelConfig
+from cluster.config import ModelConfig
 from sparse_folders import build_sparse, masked_lm_reference
 from st_folders import LONG_TEXTS, TEXTS
 
@@ -26,20 +26,11 @@ def folders(tmp_path_factory, minilm_path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sparse_url(serve_cluster, folders) -> str:
-    from ray import serve
-
-    from cluster.app import build_app
-
-    config = ClusterConfig(
-        app_name=APP_NAME, route_prefix=ROUTE_PREFIX, tokenizer={"num_cpus": 0.05}, ingress={"num_cpus": 0.05},
-        models=[ModelConfig(name=name, model_name=folders[name], dtype="float32", num_cpus=0.05, torch_threads=1)
-                for name in SERVED])
-    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-    try:
-        yield serve_cluster.url + ROUTE_PREFIX
-    finally:
-        serve.delete(APP_NAME)
+def sparse_url(module_app, folders) -> str:
+    models = [ModelConfig(name=name, model_name=folders[name], dtype="float32", num_cpus=0.05, torch_threads=1)
+              for name in SERVED]
+    with module_app(APP_NAME, ROUTE_PREFIX, models) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
