@@ -20,7 +20,7 @@ from embedder.quantization import QuantizationRanges, calibration_ranges, load_r
 from embedder.sentence_encoder import SentenceSettings, resolve_sentence_settings
 from embedder.sentence_folder import resolve_prompt
 from embedder.sentence_pooling import PoolingMode
-from embedder.sparse_encoder import resolve_sparse_encoder
+from embedder.sparse_encoder import is_masked_lm_folder, resolve_sparse_encoder
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 #: Token budget of one encoder batch: measured best on a 2-core CPU (README, Performance); a GPU wants far more.
@@ -89,9 +89,10 @@ class ModelConfig(ReplicaSettings):
     override_weights_strip_prefix: str | None = None
     tokenizer_kwargs: dict[str, Any] = Field(default_factory=dict)
     transformer_kwargs: dict[str, Any] = Field(default_factory=dict)
-    pooling: PoolingMode | list[PoolingMode] | None = Field(
+    pooling: PoolingMode | Literal["splade"] | list[PoolingMode] | None = Field(
         None, description="Default sentence pooling (several modes are concatenated); None: the folder's "
-                          "sentence-transformers Pooling module, else mean.")
+                          "sentence-transformers Pooling module, else mean. 'splade': serve a plain *ForMaskedLM "
+                          "folder as a sparse (SPLADE) model, as SparseEncoder reads it (TEI's --pooling splade).")
     normalize: bool | None = Field(None, description="Default L2 normalization; None: whether the folder has a "
                                                      "Normalize module.")
     prompts: dict[str, str] | None = Field(None, description="Prompts added to (or replacing) the folder's "
@@ -151,6 +152,8 @@ class ModelConfig(ReplicaSettings):
         if self._kind is not None:
             return self._kind
         try:
+            if self.pooling == "splade":
+                return _splade_kind(self.model_name)
             return _folder_kind(self.model_name)
         except (OSError, ValueError) as error:
             raise ValueError(f"model {self.name!r} cannot be served: {error}") from None
@@ -171,7 +174,8 @@ class ModelConfig(ReplicaSettings):
         from its folder with this config's length; ``ValueError`` naming the model for what cannot be
         served, and for settings that only embedding models take (they would change nothing here)."""
         embedding_only = {key: getattr(self, key) for key in _EMBEDDING_ONLY_FIELDS
-                          if getattr(self, key) != ModelConfig.model_fields[key].get_default(call_default_factory=True)}
+                          if getattr(self, key) != ModelConfig.model_fields[key].get_default(call_default_factory=True)
+                          and not (key == "pooling" and self.pooling == "splade")}
         if embedding_only:
             raise ValueError(f"model {self.name!r} is a {self.kind} model ({self.model_name}): "
                              f"{', '.join(sorted(embedding_only))} only apply to embedding models; remove them")
@@ -276,6 +280,17 @@ _EMBEDDING_ONLY_FIELDS = ("pooling", "normalize", "sub_module", "override_weight
 @functools.lru_cache(maxsize=64)
 def _folder_kind(model_name: str) -> ModelKind:
     return read_model_kind(model_name)
+
+
+def _splade_kind(model_name: str) -> ModelKind:
+    """``sparse`` for ``pooling: splade`` on a folder that gives vocabulary logits (a plain
+    ``*ForMaskedLM``, or a SparseEncoder folder); ``ValueError`` for any other, whose SPLADE vector
+    cannot be computed."""
+    if is_masked_lm_folder(model_name) or _folder_kind(model_name) == "sparse":
+        return "sparse"
+    raise ValueError(f"pooling 'splade' needs the vocabulary logits of a masked-LM head, and {model_name} is neither "
+                     "a *ForMaskedLM folder (config.json architectures) nor a SparseEncoder folder; serve it with a "
+                     "dense pooling, or give a masked-LM folder")
 
 
 class TokenizerSettings(ReplicaSettings):

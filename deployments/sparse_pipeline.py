@@ -18,6 +18,15 @@ from deployments.validation import check_texts, parse_request
 TASK_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
 
 
+def task_prompt_name(prompts: dict[str, str], task: str | None, prompt_name: str | None,
+                     prompt: str | None) -> str | None:
+    """The prompt name a request gives, else (no prompt at all) the one ``SparseEncoder.encode_query``
+    / ``encode_document`` use for its ``task``, if the model has it."""
+    if prompt_name is None and prompt is None and task is not None:
+        return next((key for key in TASK_PROMPTS[task] if key in prompts), None)
+    return prompt_name
+
+
 class SparsePipeline(ScoringPipeline):
     """The scoring pipeline, plus sparse embeddings (``/embed_sparse``)."""
 
@@ -25,10 +34,7 @@ class SparsePipeline(ScoringPipeline):
         """The model's vocabulary size and each text's sparse vector."""
         name = self._model(body.model, ("sparse",), route)
         texts = check_texts(body.inputs, self._limits)
-        prompt_name = body.prompt_name
-        if prompt_name is None and body.prompt is None and body.task is not None:
-            prompts = self._configs[name].prompts or {}
-            prompt_name = next((key for key in TASK_PROMPTS[body.task] if key in prompts), None)
+        prompt_name = task_prompt_name(self._configs[name].prompts or {}, body.task, body.prompt_name, body.prompt)
         request = SparseRequest(model=name, texts=texts, truncate=body.truncate,
                                 truncation_direction=body.truncation_direction,
                                 prompt=self._prompt(name, prompt_name, body.prompt) or "", task=body.task,

@@ -107,6 +107,18 @@ def is_sparse_encoder_folder(model_name: str | Path) -> bool:
     return settings.get("model_type") == "SparseEncoder"
 
 
+def is_masked_lm_folder(model_name: str | Path) -> bool:
+    """Whether the folder is a plain ``*ForMaskedLM`` model (no sentence-transformers modules), which
+    ``SparseEncoder(folder)`` reads as SPLADE (the masked-LM, then SpladePooling: max of ``log1p(relu)``),
+    as TEI's ``--pooling splade`` does."""
+    model_name = str(model_name)
+    if read_json(model_name, "modules.json") is not None:
+        return False
+    config = read_json(model_name, "config.json")
+    architectures = (config.get("architectures") or []) if isinstance(config, dict) else []
+    return any(str(name).endswith("ForMaskedLM") for name in architectures)
+
+
 def _module_name(model_name: str, entry: dict) -> str:
     kind = str(entry.get("type", ""))
     name = kind.rsplit(".", 1)[-1]
@@ -183,13 +195,17 @@ def _router_routes(model_name: str, router_dir: str) -> tuple[dict[str, tuple[st
 def read_sparse_folder(model_name: str | Path) -> SparseFolder:
     """What ``SparseEncoder(model_name)`` builds, as data; ``UnsupportedModelError`` for anything
     that cannot be reproduced. A ``Router`` (inference-free SPLADE) may have one masked-LM +
-    SpladePooling route and any number of ``SparseStaticEmbedding`` routes."""
+    SpladePooling route and any number of ``SparseStaticEmbedding`` routes; a plain ``*ForMaskedLM``
+    folder is the masked-LM with SpladePooling's defaults (max, relu), as sentence-transformers reads it."""
     model_name = str(model_name)
     if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
         raise UnsupportedModelError(f"{model_name}: no such folder")
+    if is_masked_lm_folder(model_name):
+        return SparseFolder(model_name=model_name, transformer_path=model_name)
     modules = read_json(model_name, "modules.json")
     if not isinstance(modules, list) or not modules:
-        raise UnsupportedModelError(f"{model_name}: no modules.json listing a SparseEncoder's modules")
+        raise UnsupportedModelError(f"{model_name}: no modules.json listing a SparseEncoder's modules, nor a "
+                                    "*ForMaskedLM config.json")
     settings = read_json(model_name, "config_sentence_transformers.json") or {}
     model_type = settings.get("model_type", "SentenceTransformer")
     static_routes: dict[str, str] = {}

@@ -16,7 +16,9 @@ from st_folders import LONG_TEXTS, TEXTS
 
 APP_NAME = "sparse-test"
 ROUTE_PREFIX = "/sparse"
-SERVED = ("bert-splade-max", "bert-splade-sum", "inference-free")
+SERVED = ("bert-splade-max", "bert-splade-sum", "inference-free", "plain-masked-lm")
+#: What a model's config adds: a plain masked-LM folder is served as SPLADE only when asked.
+OPTIONS = {"plain-masked-lm": {"pooling": "splade"}}
 ATOL = 1e-5
 
 
@@ -27,8 +29,8 @@ def folders(tmp_path_factory, minilm_path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sparse_url(module_app, folders) -> str:
-    models = [ModelConfig(name=name, model_name=folders[name], dtype="float32", num_cpus=0.05, torch_threads=1)
-              for name in SERVED]
+    models = [ModelConfig(name=name, model_name=folders[name], dtype="float32", num_cpus=0.05, torch_threads=1,
+                          **OPTIONS.get(name, {})) for name in SERVED]
     with module_app(APP_NAME, ROUTE_PREFIX, models) as url:
         yield url
 
@@ -133,3 +135,15 @@ def test_an_embedding_model_cannot_embed_sparse(serve_cluster):
     answer = httpx.post(serve_cluster.url + "/embed_sparse", json={"model": "all-MiniLM-L6-v2", "inputs": "a"},
                         timeout=60)
     assert answer.status_code == 400 and "sparse" in answer.json()["error"]["message"]
+
+
+def test_splade_pooling_needs_a_masked_lm_folder(folders):
+    """A plain masked-LM is an embedding model unless its config says ``pooling: splade``; on a folder
+    without a masked-LM head that is refused where the config is resolved (at start-up)."""
+    plain = folders["plain-masked-lm"]
+    assert ModelConfig(name="plain", model_name=plain).kind == "embedding"
+    assert ModelConfig(name="plain", model_name=plain, pooling="splade").resolved().kind == "sparse"
+    with pytest.raises(ValueError, match="model 'minilm' cannot be served: pooling 'splade' needs the vocabulary"):
+        ModelConfig(name="minilm", pooling="splade").resolved()
+    with pytest.raises(ValueError, match="normalize only apply to embedding models"):
+        ModelConfig(name="plain", model_name=plain, pooling="splade", normalize=True).resolved()

@@ -19,7 +19,13 @@ from sparse_folders import SPARSE_SETUPS, build_sparse, masked_lm_reference, set
 from st_folders import LONG_TEXTS, TEXTS
 
 from embedder.sentence_folder import UnsupportedModelError
-from embedder.sparse_encoder import SparseEncoderModel, is_sparse_encoder_folder, read_sparse_folder
+from embedder.model_kind import read_model_kind
+from embedder.sparse_encoder import (
+    SparseEncoderModel,
+    is_masked_lm_folder,
+    is_sparse_encoder_folder,
+    read_sparse_folder,
+)
 
 ATOL = 1e-5
 NAMES = [spec.name for spec in SPARSE_SETUPS]
@@ -63,9 +69,11 @@ def assert_same_vectors(actual: np.ndarray, expected: np.ndarray, rtol: float = 
 
 
 def test_folders_are_sparse_encoders(sparse_folders, tiny_bert_path):
-    for folder in sparse_folders.values():
-        assert is_sparse_encoder_folder(folder)
-    assert not is_sparse_encoder_folder(tiny_bert_path)
+    for name, folder in sparse_folders.items():
+        assert is_sparse_encoder_folder(folder) == (name != "plain-masked-lm")
+        assert is_masked_lm_folder(folder) == (name == "plain-masked-lm")
+    assert not is_sparse_encoder_folder(tiny_bert_path) and not is_masked_lm_folder(tiny_bert_path)
+    assert read_model_kind(sparse_folders["plain-masked-lm"]) == "embedding"  # sparse only with pooling: splade
     assert read_sparse_folder(sparse_folders["bert-splade-sum"]).pooling_strategy == "sum"
     assert read_sparse_folder(sparse_folders["bert-log1p-relu"]).activation_function == "log1p_relu"
     assert read_sparse_folder(sparse_folders["st5-paths"]).max_active_dims == 24
@@ -86,7 +94,8 @@ def test_equal_to_sparse_encoder(sparse_folders, name):
                         st_encode(folder, TEXTS, prompt="search: "))
 
 
-@pytest.mark.parametrize("name", ["bert-splade-max", "bert-splade-sum", "bert-log1p-relu", "distilbert-splade"])
+@pytest.mark.parametrize("name", ["bert-splade-max", "bert-splade-sum", "bert-log1p-relu", "distilbert-splade",
+                                  "plain-masked-lm"])
 def test_long_inputs_equal_masked_lm_over_segments(sparse_folders, name):
     folder = sparse_folders[name]
     model = ours(folder)

@@ -7,7 +7,8 @@ files of a ``SparseEncoder``: ``modules.json`` (the masked-LM ``MLMTransformer``
 ``Transformer`` with ``transformer_task: fill-mask``, then ``SpladePooling``),
 ``sentence_bert_config.json``, ``1_SpladePooling/config.json`` (``pooling_strategy`` max or sum,
 ``activation_function`` relu or log1p_relu) and ``config_sentence_transformers.json`` with
-``model_type: SparseEncoder`` and prompts. Two folders are written by sentence-transformers' own
+``model_type: SparseEncoder`` and prompts (one folder is a plain masked-LM without them, which
+sentence-transformers reads as SPLADE max over relu). Two folders are written by sentence-transformers' own
 ``SparseEncoder.save`` (one of them inference-free SPLADE: a ``Router`` with a ``SparseStaticEmbedding``
 query route), one names sentence-transformers 5's module paths
 (``sentence_transformers.sparse_encoder.models.*``). The tests compare the project against
@@ -137,6 +138,12 @@ def st5_paths(folder: Path, minilm_path: str) -> None:
     write_sparse_files(folder, mlm_type=ST5_MLM, splade_type=ST5_SPLADE, max_active_dims=24)
 
 
+def plain_masked_lm(folder: Path, minilm_path: str) -> None:
+    """A plain ``BertForMaskedLM`` folder, no sentence-transformers files: ``SparseEncoder(folder)`` reads it
+    as SPLADE (max, relu); the cluster serves it so with ``pooling: splade`` (TEI's ``--pooling splade``)."""
+    save_bert_mlm(folder, minilm_path, seed=39)
+
+
 def st6_saved(folder: Path, minilm_path: str) -> None:
     """Written by sentence-transformers 6's own ``SparseEncoder.save``: ``Transformer`` (fill-mask) +
     ``SpladePooling`` (sum), a default ``query`` prompt, ``max_seq_length`` 32."""
@@ -180,6 +187,7 @@ SPARSE_SETUPS: tuple[SparseSpec, ...] = (
     SparseSpec("distilbert-splade", distilbert_splade, SPARSE_PROMPTS),
     SparseSpec("st5-paths", st5_paths),
     SparseSpec("st6-saved", st6_saved, SPARSE_PROMPTS),
+    SparseSpec("plain-masked-lm", plain_masked_lm),
 )
 
 
