@@ -11,6 +11,8 @@ equals ``encode_query`` / ``encode_document`` / ``encode``; refused folders name
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,8 +20,8 @@ import pytest
 from sparse_folders import SPARSE_SETUPS, build_sparse, masked_lm_reference, set_module_type, write_json
 from st_folders import LONG_TEXTS, TEXTS
 
-from embedder.sentence_folder import UnsupportedModelError
 from embedder.model_kind import read_model_kind
+from embedder.sentence_folder import UnsupportedModelError
 from embedder.sparse_encoder import (
     SparseEncoderModel,
     is_masked_lm_folder,
@@ -200,3 +202,34 @@ def test_router_with_route_mappings_is_refused(sparse_folders, tmp_path):
     write_json(folder / "router_config.json", config)
     with pytest.raises(UnsupportedModelError, match="route_mappings"):
         read_sparse_folder(str(folder))
+
+
+#: Encodes one long text in a fresh process and prints how much its peak RSS grew (MiB), the
+#: text's wordpieces and its vector's non-zeros.
+PEAK_SCRIPT = """
+import resource, sys
+from embedder.sparse_encoder import SparseEncoderModel
+model = SparseEncoderModel(sys.argv[1], device="cpu", dtype="float32")
+text = open(sys.argv[2]).read()
+model.encode(["warm up"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+matrix = model.encode([text])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024, model.fold([text]).num_wordpieces[0], matrix.nnz)
+"""
+
+
+def test_a_long_input_never_holds_all_its_logits(sparse_folders, tmp_path):
+    """30,000 wordpieces against a 30k vocabulary would be 3.8 GB of float32 logits at once; reduced
+    sub-batch by sub-batch (2048 tokens: 250 MB of logits), the peak RSS grows by at most 1.25 sub-batches
+    of logits plus 32 MiB."""
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(LONG_TEXTS * 40))
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, sparse_folders["bert-splade-max"], str(text)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    grown_mib, wordpieces, non_zeros = (float(value) for value in done.stdout.split())
+    vocabulary = 30522
+    assert wordpieces > 30_000 and non_zeros > 0
+    sub_batch_mib = 2048 * vocabulary * 4 / 2**20
+    assert grown_mib <= 1.25 * sub_batch_mib + 32, (grown_mib, sub_batch_mib)
+    assert grown_mib < wordpieces * vocabulary * 4 / 2**20 / 10
