@@ -4,7 +4,8 @@ Contenders: the in-process limit (``encode_folded``), a naive padded
 ``transformers`` loop, ``sentence-transformers`` (short texts only: it
 truncates), the cluster through its handle and over HTTP, single-text latency,
 late chunking against chunks embedded alone, reranking against ``CrossEncoder.predict``,
-and the bulk ``ray.data`` job.
+SPLADE against ``SparseEncoder.encode`` (and its replica's memory against the dense model's), and
+the bulk ``ray.data`` job.
 Speed targets live here, never in unit tests.
 """
 
@@ -18,11 +19,13 @@ import logging
 import re
 import statistics
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +33,9 @@ from cluster.config import ClusterConfig, HTTPConfig
 from deployments.loading import concurrent_batches, load_encoder, load_indexer, replica_device
 from deployments.settings import ModelConfig
 from embedder.inference import EncodeStats, encode_folded
+
+if TYPE_CHECKING:
+    import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,13 @@ TEXTS_PER_REQUEST = 16
 BULK_COPIES = 4
 CHUNK_SIZE = 128
 DOCUMENTS_PER_REQUEST = 2
+#: Non-zeros a short text gets from the bench's SPLADE model, about what a trained SPLADE model gives a
+#: sentence (an untrained masked-LM head activates most of the vocabulary instead).
+SPARSE_ACTIVE_DIMS = 128
+SPARSE_CALIBRATION_TEXTS = 32
+RSS_INTERVAL_S = 0.05
+SPARSE_HTTP = f"sparse: /embed_sparse over HTTP, {CLIENTS} clients"
+DENSE_FOR_SPARSE = "sparse: the dense model's /embed, fresh replica"
 
 
 @dataclass
@@ -101,6 +114,7 @@ class Result:
     dtype: str = ""
     short_only: bool = False  # compared with the limit on the short texts, else with the whole corpus
     compare: bool = True  # False: another mix than the limit's, no ratio
+    memory_mib: dict[str, float] = field(default_factory=dict)  # the serving replica's RSS: "before", "peak"
 
     @property
     def texts_per_s(self) -> float:
@@ -389,14 +403,50 @@ def _cores_by_process(run: Callable[[], object]) -> dict[str, float]:
     return {name: round(c, 2) for name, c in sorted(cores.items(), key=lambda kv: -kv[1]) if c >= 0.01}
 
 
+def _replica_process(app_name: str, deployment: str) -> psutil.Process:
+    """The ``psutil.Process`` of ``deployment``'s replica on this machine, found by its title as
+    ``_cores_by_process`` finds the Ray processes (``ray::ServeReplica:APP:DEPLOYMENT``, ``.method``
+    appended while it runs one)."""
+    import psutil
+
+    title = re.compile(rf"ray::ServeReplica:{re.escape(app_name)}:{re.escape(deployment)}(\.|$)")
+    for process in psutil.process_iter(["cmdline"]):
+        if process.info["cmdline"] and title.match(process.info["cmdline"][0]):
+            return process
+    raise LookupError(f"no replica process of {app_name}:{deployment} on this machine")
+
+
+def _memory_during(process: psutil.Process, run: Callable[[], float]) -> tuple[float, dict[str, float]]:
+    """``run()``'s answer, and ``process``'s RSS in MiB before it and at its peak while it ran, sampled
+    every ``RSS_INTERVAL_S`` in a thread (not VmHWM, which would count start-up's peak too)."""
+    before = peak = process.memory_info().rss
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(RSS_INTERVAL_S):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        answer = run()
+    finally:
+        stop.set()
+        sampler.join()
+    peak = max(peak, process.memory_info().rss)
+    return answer, {"before": round(before / 2**20, 1), "peak": round(peak / 2**20, 1)}
+
+
 def _latency(call, texts: list[str]) -> dict[str, float]:
     times = [_once(lambda t=t: call(t)) for t in texts]
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95))}
 
 
 def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_requests: int,
-                  reranker: str | None = None) -> list[Result]:
-    """Start a local cluster with ``config``, measure the handle, HTTP, latency and bulk, shut it down."""
+                  reranker: str | None = None, sparse: str | None = None) -> list[Result]:
+    """Start a local cluster with ``config``, measure the handle, HTTP, latency, reranking, SPLADE and
+    bulk, shut it down."""
     import httpx
     import ray
     from ray import serve
@@ -431,8 +481,9 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
         chunking = bench_chunks(url, model, corpus.long, repeats)
         serve.delete(config.app_name)
         reranking = bench_rerank(config, corpus, repeats, reranker)
+        sparse_results = bench_sparse(config, corpus, repeats, sparse)
         bulk_results = bench_bulk(model, texts)
-        return [handle, over_http, short_http, latency, *chunking, *reranking, *bulk_results]
+        return [handle, over_http, short_http, latency, *chunking, *reranking, *sparse_results, *bulk_results]
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -550,6 +601,99 @@ def bench_rerank(config: ClusterConfig, corpus: Corpus, repeats: int, reranker: 
     return [predict, over_http, in_process_long, long_http]
 
 
+def bench_sparse_folder(model: ModelConfig, folder: Path, texts: list[str]) -> str:
+    """A SPLADE model of the bench model's shape: its transformer under a fresh masked-LM head (seeded),
+    as a sentence-transformers ``SparseEncoder`` (``Transformer`` for fill-mask + max ``SpladePooling``)
+    written by its ``save``; the compute of a SPLADE model of that size (no hub here to fetch a trained one).
+    The head's output bias is lowered until ``texts`` (the first few) get ``SPARSE_ACTIVE_DIMS``
+    non-zeros each on average, so the answers are as long as a trained model's."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    masked_lm = AutoModelForMaskedLM.from_pretrained(model.model_name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model.model_name)
+    calibration = texts[:SPARSE_CALIBRATION_TEXTS]
+    batch = tokenizer(calibration, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = masked_lm(**batch).logits.masked_fill(~batch["attention_mask"].bool()[..., None], -torch.inf)
+        # a dimension is non-zero where its largest logit over the text is positive (max pooling)
+        largest = logits.amax(dim=1).flatten()
+        masked_lm.get_output_embeddings().bias -= largest.kthvalue(largest.numel() - SPARSE_ACTIVE_DIMS *
+                                                                   len(calibration)).values
+    source = folder.parent / f"{folder.name}-masked-lm"
+    masked_lm.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    modules = [Transformer(str(source), transformer_task="fill-mask"), SpladePooling(pooling_strategy="max")]
+    SparseEncoder(modules=modules, device="cpu").save(str(folder))
+    return str(folder)
+
+
+def bench_sparse(config: ClusterConfig, corpus: Corpus, repeats: int, sparse: str | None = None) -> list[Result]:
+    """SPLADE over HTTP (``/embed_sparse``, the short texts as the dense HTTP rows send them) against
+    ``SparseEncoder.encode`` in this process on the same texts at the same dtype and threads; and the
+    sparse replica's peak RSS during its HTTP runs against a fresh replica of the dense model's during
+    the same texts over ``/embed`` (each model served alone: this machine may not fit both).
+    ``sparse``: a SparseEncoder folder (default: one built from the bench model, ``bench_sparse_folder``)."""
+    import tempfile
+
+    import torch
+    from sentence_transformers import SparseEncoder
+
+    from embedder.devices import choose_dtype
+    from embedder.indexer import PretrainedTransformerIndexer
+    from embedder.sparse_encoder import resolve_sparse_encoder
+
+    model = config.models[0]
+    texts = corpus.short
+    url = f"http://{config.http.host}:{config.http.port}"
+    with tempfile.TemporaryDirectory(prefix="bench-sparse-") as scratch:
+        folder = sparse or bench_sparse_folder(model, Path(scratch) / "sparse", texts)
+        served = ModelConfig(name="bench-sparse", model_name=folder, dtype=model.dtype, device=model.device,
+                             num_cpus=model.num_cpus, num_gpus=model.num_gpus, torch_threads=model.torch_threads,
+                             concurrent_batches=model.concurrent_batches, max_batch_tokens=model.max_batch_tokens)
+        dtype = choose_dtype(model.dtype, torch.device("cuda" if model.num_gpus else "cpu"))
+        dtype_name = str(dtype).removeprefix("torch.")
+        settings, length = resolve_sparse_encoder(folder)
+        indexer = PretrainedTransformerIndexer(settings.transformer_path, max_length=length,
+                                               tokenizer_kwargs=settings.tokenizer_kwargs or None)
+        wordpieces = int(indexer.fold(texts).num_wordpieces.sum())
+        torch.set_num_threads(model.cpu_threads)
+        reference = SparseEncoder(folder, device="cpu", model_kwargs={"dtype": dtype})
+        encode = Result(f"sparse: SparseEncoder.encode ({dtype_name})", len(texts),
+                        _timed(lambda: reference.encode(texts, batch_size=32), repeats), wordpieces,
+                        note="short texts, batches of 32 in input order", compare=False)
+        sparse_seconds, sparse_memory = _served_run(
+            config, served, repeats, lambda: asyncio.run(_http_run(url, texts, "/embed_sparse", model=served.name)))
+    dense_seconds, dense_memory = _served_run(config, model, repeats, lambda: asyncio.run(_http_run(url, texts)))
+    memory_note = f"replica RSS sampled every {RSS_INTERVAL_S * 1000:.0f} ms"
+    over_http = Result(SPARSE_HTTP, len(texts), sparse_seconds, wordpieces, compare=False, memory_mib=sparse_memory,
+                       note=f"{TEXTS_PER_REQUEST} short texts a request; {memory_note}")
+    dense_wordpieces = int(load_indexer(model).fold(texts).num_wordpieces.sum())
+    dense = Result(DENSE_FOR_SPARSE, len(texts), dense_seconds, dense_wordpieces, short_only=True,
+                   memory_mib=dense_memory, note=f"the same texts and clients; {memory_note}")
+    return [encode, over_http, dense]
+
+
+def _served_run(config: ClusterConfig, model: ModelConfig, repeats: int,
+                run: Callable[[], object]) -> tuple[float, dict[str, float]]:
+    """Serve ``model`` alone as ``config``'s app (a fresh replica), time ``run`` against it (``_timed``)
+    while sampling its replica's RSS (``_memory_during``), delete the app."""
+    from ray import serve
+
+    from cluster.app import build_app
+    from deployments.settings import deployment_name
+
+    serve.run(build_app(config.model_copy(update={"models": [model]})), name=config.app_name, route_prefix="/")
+    try:
+        return _memory_during(_replica_process(config.app_name, deployment_name(model.name)),
+                              lambda: _timed(run, repeats))
+    finally:
+        serve.delete(config.app_name)
+
+
 def bench_bulk(model: ModelConfig, texts: list[str], copies: int = BULK_COPIES) -> list[Result]:
     """``embed_dataset`` on ``copies`` copies of the corpus (the same mix, so texts/s compare with the
     limit's): end to end, actor start-up included, and steady, from the first output batch to the last."""
@@ -587,7 +731,7 @@ def bench_bulk(model: ModelConfig, texts: list[str], copies: int = BULK_COPIES) 
 
 
 def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_requests: int = 100,
-              cluster: bool = True, reranker: str | None = None) -> dict:
+              cluster: bool = True, reranker: str | None = None, sparse: str | None = None) -> dict:
     """Run every contender; return the report (also what ``--json`` writes)."""
     model = config.models[0]
     # first, before the other contenders start threads of their own (ONNX Runtime's, the limit's)
@@ -600,7 +744,7 @@ def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_r
     results += bench_sentence_transformers(model, corpus, repeats)
     results += bench_kernels(model, corpus, repeats)
     if cluster:
-        cluster_results = bench_cluster(config, corpus, repeats, latency_requests, reranker)
+        cluster_results = bench_cluster(config, corpus, repeats, latency_requests, reranker, sparse)
         latency = next(r for r in cluster_results if r.name == forward.name)
         latency.extra = forward.extra | latency.extra
         results += cluster_results
@@ -654,6 +798,15 @@ def targets(rows: list[dict]) -> list[dict]:
     if rerank_http and predict:
         check(f"rerank over HTTP / {predict['name'].removeprefix('rerank: ')}", rerank_http / predict["texts_per_s"],
               1.0)
+    sparse_http = rate(SPARSE_HTTP)
+    encode = next((row for name, row in by_name.items() if name.startswith("sparse: SparseEncoder.encode")), None)
+    if sparse_http and encode:
+        check(f"sparse over HTTP / {encode['name'].removeprefix('sparse: ')}", sparse_http / encode["texts_per_s"], 1.0)
+    sparse_memory = by_name.get(SPARSE_HTTP, {}).get("memory_mib")
+    dense_memory = by_name.get(DENSE_FOR_SPARSE, {}).get("memory_mib")
+    if sparse_memory and dense_memory:
+        check("sparse replica's peak RSS / the dense model's replica's, over HTTP",
+              sparse_memory["peak"] / dense_memory["peak"], 1.5, at_most=True)
     fp32_limit, onnx = rate("limit, short texts only, fp32"), rate("kernel: ONNX Runtime fp32 (exported here)")
     if fp32_limit and onnx:
         check("limit fp32 / ONNX Runtime fp32, short texts", fp32_limit / onnx, 1.0)
@@ -681,6 +834,9 @@ def format_table(report: dict) -> str:
         if row["cores"]:
             lines.append("  CPU cores by process during that run: " +
                          ", ".join(f"{name} {cores:.2f}" for name, cores in row["cores"].items()))
+        if row.get("memory_mib"):
+            lines.append(f"  encoder replica RSS: {row['memory_mib']['before']:.0f} MiB before that run, peak "
+                         f"{row['memory_mib']['peak']:.0f} MiB during it")
     if report.get("targets"):
         lines.append("targets:")
         for target in report["targets"]:
