@@ -137,7 +137,14 @@ def embed_command(args: argparse.Namespace) -> int:
     from cluster.bulk_job import run_bulk_job
     from deployments.validation import quantization_ranges
 
+    if args.sparse:
+        return _sparse_command(args)
+
     def prepare(model: ModelConfig) -> Callable[[], BulkSummary]:
+        if model.kind == "sparse":
+            raise ValueError(f"model {model.name!r} is a sparse (SPLADE) model: pass --sparse")
+        if args.task is not None or args.max_active_dims is not None:
+            raise ValueError("--task and --max-active-dims are options of --sparse")
         model = model.resolved()
         model.prompt(args.prompt_name, args.prompt)
         chunks = Chunking(args.chunk_size, args.chunk_overlap, args.chunk_context) if args.chunks else None
@@ -146,6 +153,24 @@ def embed_command(args: argparse.Namespace) -> int:
                                     truncate=args.truncate, prompt_name=args.prompt_name, prompt=args.prompt,
                                     chunks=chunks, precision=args.precision, encode_actors=args.encode_actors,
                                     **_bulk_options(args))
+
+    return _bulk_command(args, prepare)
+
+
+def _sparse_command(args: argparse.Namespace) -> int:
+    """``embed --sparse``: the bulk SPLADE job."""
+    from cluster.bulk_sparse import check_sparse_options, run_sparse_job
+
+    def prepare(model: ModelConfig) -> Callable[[], BulkSummary]:
+        dense_only = [flag for flag, used in (("--level wordpiece", args.level != "pooled"), ("--chunks", args.chunks),
+                                              ("--precision", args.precision != "float32")) if used]
+        if dense_only:
+            raise ValueError(f"{', '.join(dense_only)} cannot be combined with --sparse (dense vectors only)")
+        check_sparse_options(model, args.prompt_name, args.prompt, args.task, args.max_active_dims)
+        return lambda: run_sparse_job(args.input, args.output, model, text_column=args.text_column,
+                                      truncate=args.truncate, prompt_name=args.prompt_name, prompt=args.prompt,
+                                      task=args.task, max_active_dims=args.max_active_dims,
+                                      encode_actors=args.encode_actors, **_bulk_options(args))
 
     return _bulk_command(args, prepare)
 
@@ -182,7 +207,7 @@ def bench_command(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
     config = bench_config(config.model_copy(update={"models": [model]}), port).with_local_threads(os.cpu_count() or 1)
     report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster,
-                       reranker=args.reranker)
+                       reranker=args.reranker, sparse=args.sparse)
     print(format_table(report), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -243,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quantize the vectors as sentence-transformers' quantize_embeddings: int8/uint8 columns "
                             "of dim bytes (in the model's quantization_ranges or calibration_corpus ranges), "
                             "binary/ubinary of dim/8 (default: float32)")
+    embed.add_argument("--sparse", action="store_true",
+                       help="a sparse (SPLADE) model's vectors as sparse_indices (list<int32>) and sparse_values "
+                            "(list<float32>) columns")
+    embed.add_argument("--task", choices=["query", "document"],
+                       help="with --sparse: the route (and prompt) of encode_query / encode_document")
+    embed.add_argument("--max-active-dims", type=int, help="with --sparse: keep each vector's k largest weights")
     embed.set_defaults(func=embed_command)
 
     score = commands.add_parser("score", help="bulk job: score (query, document) pairs with a reranker into "
@@ -269,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cluster", action="store_true", help="only the in-process contenders")
     bench.add_argument("--reranker", help="a cross-encoder folder for the rerank rows (default: the model's "
                                           "transformer with an untrained one-label head)")
+    bench.add_argument("--sparse", help="a SparseEncoder (SPLADE) folder for the sparse rows (default: the model's "
+                                        "transformer with an untrained masked-LM head)")
     bench.add_argument("--json", help="also write the report to this file")
     bench.set_defaults(func=bench_command)
 
