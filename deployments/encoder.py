@@ -17,6 +17,7 @@ import ray
 import torch
 from ray import serve
 
+from deployments.autoscaling import REQUESTS_HELD
 from deployments.batcher import ContinuousBatcher, Queued
 from deployments.errors import BadRequestError, ModelLoadError
 from deployments.loading import concurrent_batches, release_replica_weights, replica_device
@@ -71,6 +72,8 @@ class Encoder:
                                  f"{type(error).__name__}: {error}") from None
         self._device = self._head.device
         self._metrics = EncoderMetrics(model.name)
+        #: requests inside this replica, merged ones each on its own: what the autoscaler counts
+        self._requests_held = 0
         self._batcher: ContinuousBatcher[Any, Any] = ContinuousBatcher(
             self._run_batch, model.max_batch_tokens, model.batch_wait_timeout_s, concurrency=self._batches)
         #: the running batches' start times and tokens, and the slowest seconds per token seen
@@ -153,7 +156,20 @@ class Encoder:
         self._check_kind(("embedding",), "embedding")
         item = EncodeItem(batch, options)
         self._head.validate(item)
-        return await self._batcher.submit(item, weight=item.weight)
+        self._requests_held += 1
+        try:
+            return await self._batcher.submit(item, weight=item.weight)
+        finally:
+            self._requests_held -= 1
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (``deployments.autoscaling``): the requests this replica holds."""
+        return {REQUESTS_HELD: float(self._requests_held)}
+
+    async def encode_merged(self, batches: list[FoldedBatch], options: EncodeOptions) -> list[EncodeResult | Exception]:
+        """``encode`` for several requests the ingress merged into one call: each its own batch item,
+        answered with its own result or its own exception (one bad request fails only itself)."""
+        return await asyncio.gather(*(self.encode(batch, options) for batch in batches), return_exceptions=True)
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """Score one request's pairs or texts (their segments batched with other requests')."""

@@ -29,7 +29,8 @@ app.add_middleware(RequestGuard)
 
 
 def timed(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """Add TEI's timing headers to an embedding route's answer."""
+    """Add TEI's timing headers to an embedding route's answer (and ``x-merged-requests`` when the
+    ingress merged its encoder call with others')."""
 
     @functools.wraps(route)
     async def answer(*args: Any, **kwargs: Any) -> Response:
@@ -43,6 +44,8 @@ def timed(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[
         for stage in ("tokenization", "queue", "inference"):
             if f"{stage}_ms" in timings:
                 response.headers[f"x-{stage}-time"] = f"{timings[f'{stage}_ms']:.2f}"
+        if "merged_requests" in timings:  # how many requests shared this one's encoder call
+            response.headers["x-merged-requests"] = str(int(timings["merged_requests"]))
         return response
 
     return answer

@@ -7,6 +7,7 @@ from ray.serve import metrics
 
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 TOKEN_BOUNDARIES = [16, 64, 256, 1024, 4096, 16384, 65536]
+MERGED_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 
 
 class IngressMetrics:
@@ -21,6 +22,9 @@ class IngressMetrics:
                                           tag_keys=tags)
         self.latency = metrics.Histogram("embedding_request_latency_ms", "Request latency at the ingress.",
                                          boundaries=LATENCY_BOUNDARIES_MS, tag_keys=tags)
+        self.requests_per_call = metrics.Histogram(
+            "embedding_requests_per_encoder_call", "Small requests one merged encoder call carried.",
+            boundaries=MERGED_BOUNDARIES, tag_keys=("model",))
 
 
 class EncoderMetrics:

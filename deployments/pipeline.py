@@ -21,6 +21,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from deployments.coalescing import CallCoalescer
 from deployments.errors import (
     BadRequestError,
     EmbeddingRequestError,
@@ -102,6 +103,8 @@ class EmbeddingPipeline:
         self._folder = (RequestFolder(settings.models, settings.limits)
                         if settings.ingress.inline_tokenize_max_chars else None)
         self._encoders = encoders
+        merging = settings.ingress.merge_in_flight
+        self._coalescer = CallCoalescer(merging, settings.ingress.merge_max_requests) if merging else None
         self._configs = {model.name: model for model in settings.models}
         self._default_model = settings.models[0].name
         self._infos: dict[str, dict] = {}
@@ -186,10 +189,26 @@ class EmbeddingPipeline:
                 timings[stage] = timings.get(stage, 0.0) + milliseconds
         return result
 
+    def _encode_call(self, fold: FoldRequest, options: EncodeOptions) -> Callable[[], Awaitable[EncodeResult]]:
+        """The encoder call of one request: merged with other small requests' (``CallCoalescer``) when it
+        is tokenized here, else its own handle call."""
+        encoder = self._encoders[fold.model]
+        if self._coalescer is None or not self._tokenizes_here(fold):
+            return lambda: encoder.encode.remote(self._fold(fold), options)
+
+        async def send(batches: list[FoldedBatch]) -> list:
+            results = await encoder.encode_merged.remote(batches, options)
+            self._metrics.requests_per_call.observe(len(batches), tags={"model": fold.model})
+            for result in results:
+                if isinstance(result, EncodeResult):
+                    result.timings["merged_requests"] = len(batches)
+            return results
+
+        return lambda: self._coalescer.submit((fold.model, options), self._folder.fold(fold), send)
+
     async def _encode(self, fold: FoldRequest, options: EncodeOptions, route: str) -> EncodeResult:
-        result: EncodeResult = await self._call_model(
-            fold.model, route, lambda: self._encoders[fold.model].encode.remote(self._fold(fold), options),
-            fold.tokenizing_cost)
+        result: EncodeResult = await self._call_model(fold.model, route, self._encode_call(fold, options),
+                                                      fold.tokenizing_cost)
         tags = {"model": fold.model, "route": route}
         self._metrics.inputs.inc(len(result.num_wordpieces), tags=tags)
         self._metrics.wordpieces.inc(int(result.num_wordpieces.sum()), tags=tags)

@@ -12,8 +12,9 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
-from ray.serve.config import AutoscalingConfig
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
+from deployments.autoscaling import MERGED_REQUESTS_POLICY
 from embedder.cross_encoder import resolve_cross_encoder
 from embedder.model_kind import ModelKind, read_model_kind
 from embedder.quantization import QuantizationRanges, calibration_ranges, load_ranges_file, read_calibration_corpus
@@ -127,6 +128,15 @@ class ModelConfig(ReplicaSettings):
 
     _kind: ModelKind | None = PrivateAttr(None)
     _ranges: QuantizationRanges | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _count_merged_requests(self) -> "ModelConfig":
+        """Autoscale on the requests the replicas hold, merged ones each counted (``deployments.autoscaling``),
+        where the config leaves Serve's default policy (naming ``replica_queue_length_autoscaling_policy``
+        keeps Serve's own)."""
+        if self.autoscaling.policy.policy_function == AutoscalingPolicy.model_fields["policy_function"].default:
+            self.autoscaling.policy = AutoscalingPolicy(policy_function=MERGED_REQUESTS_POLICY)
+        return self
 
     @model_validator(mode="after")
     def _gpu_for_cuda(self) -> "ModelConfig":
@@ -311,6 +321,11 @@ class IngressSettings(ReplicaSettings):
     inline_tokenize_max_chars: int = Field(
         4096, ge=0, description="Requests with at most this many characters are tokenized in the ingress "
                                 "(one hop fewer); bigger ones by the tokenizer deployment. 0: always there.")
+    merge_in_flight: int = Field(
+        2, ge=0, description="Encoder calls per model (and options) one ingress replica keeps in flight for the "
+                             "requests it tokenizes itself; requests that arrive while all of them are out ride the "
+                             "next call together (one handle hop for many). 0: each request its own call.")
+    merge_max_requests: int = Field(64, ge=1, description="Requests one merged encoder call carries at most.")
 
 
 class LimitsSettings(_Strict):
