@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.front import Front
 from deployments.settings import (
     IngressSettings,
     LimitsSettings,
@@ -24,12 +25,16 @@ __all__ = ["ClusterConfig", "HTTPConfig", "IngressSettings", "LimitsSettings", "
 
 
 class HTTPConfig(BaseModel):
-    """Where Serve's HTTP proxy listens. 127.0.0.1 by default: binding 0.0.0.0 exposes the API."""
+    """Where HTTP is served. 127.0.0.1 by default: binding 0.0.0.0 exposes the API."""
 
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    front: Front = Field("auto", description="What takes the HTTP port of a cluster `serve` starts itself: "
+                                             "'haproxy' (Ray Serve's HAProxy ingress, straight to the ingress "
+                                             "replicas), 'proxy' (Serve's Python proxy actor), 'auto' (HAProxy when "
+                                             "its binary is installed, as ray[serve] installs it on Linux).")
 
 
 class ClusterConfig(BaseModel):

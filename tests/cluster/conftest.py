@@ -81,6 +81,9 @@ def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port, mi
                         autoscaling=SCALING),
             ModelConfig(name="scale-b", model_name=tiny_bert_path, max_length=32, num_cpus=0.25,
                         autoscaling=SCALING),
+            # one-text load on it is merged into at most merge_in_flight (2) calls, under its target of 4
+            ModelConfig(name="scale-merged", model_name=minilm_path, dtype="float32", num_cpus=0.25,
+                        autoscaling=SCALING | {"target_ongoing_requests": 4}),
             ModelConfig(name="minilm-private", model_name=minilm_path, dtype="float32", num_cpus=0.25,
                         share_weights=False),
             ModelConfig(name="tiny-mix", model_name=tiny_bert_path, max_length=16, dtype="float32",
@@ -111,8 +114,15 @@ def serve_cluster(cluster_config, guarded_config) -> RunningCluster:
 
     from cluster.app import build_app
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             namespace="embedding-cluster-tests")
+    from cluster.front import front_environment
+
+    # the front `serve` gives a cluster it starts (HAProxy where its binary is installed): every HTTP test runs
+    # through it; EMBEDDING_CLUSTER_TEST_FRONT=proxy runs them through Serve's Python proxy instead
+    with pytest.MonkeyPatch.context() as environment:
+        for name, value in front_environment(os.environ.get("EMBEDDING_CLUSTER_TEST_FRONT", "auto")).items():
+            environment.setenv(name, value)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 namespace="embedding-cluster-tests")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cluster_config.http.port})
         serve.run(build_app(cluster_config), name=APP_NAME, route_prefix="/")
