@@ -4,8 +4,9 @@ Contenders: the in-process limit (``encode_folded``), a naive padded
 ``transformers`` loop, ``sentence-transformers`` (short texts only: it
 truncates), the cluster through its handle and over HTTP, single-text latency,
 late chunking against chunks embedded alone, reranking against ``CrossEncoder.predict``,
-SPLADE against ``SparseEncoder.encode`` (and its replica's memory against the dense model's), and
-the bulk ``ray.data`` job.
+SPLADE against ``SparseEncoder.encode`` (and its replica's memory against the dense model's),
+the bulk ``ray.data`` job, and peers: embedding servers already running (Infinity, TEI), sent the
+cluster's texts by the cluster's own client code.
 Speed targets live here, never in unit tests.
 """
 
@@ -21,15 +22,17 @@ import statistics
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from cluster.config import ClusterConfig, HTTPConfig
+from cluster.config import ClusterConfig
+from cluster.front import apply_front
 from deployments.loading import concurrent_batches, load_encoder, load_indexer, replica_device
 from deployments.settings import ModelConfig
 from embedder.inference import EncodeStats, encode_folded
@@ -58,6 +61,15 @@ SPARSE_CALIBRATION_TEXTS = 32
 RSS_INTERVAL_S = 0.05
 SPARSE_HTTP = f"sparse: /embed_sparse over HTTP, {CLIENTS} clients"
 DENSE_FOR_SPARSE = "sparse: the dense model's /embed, fresh replica"
+ONE_TEXT = f"one text a request, {CLIENTS} clients"
+SHORT_TEXTS = f"short texts, {TEXTS_PER_REQUEST} a request, {CLIENTS} clients"
+LATENCY = "latency, one short text"
+CLUSTER_ONE_TEXT = f"cluster over HTTP, {ONE_TEXT}"
+#: Texts a peer is sent in one request before it is timed, to check its answer.
+PEER_CHECK_TEXTS = TEXTS_PER_REQUEST
+#: Below this cosine between a peer's vector and the cluster's for a text, the peer serves another model.
+MIN_PEER_COSINE = 0.99
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -239,7 +251,7 @@ def bench_forward_latency(model: ModelConfig, texts: list[str]) -> Result:
 
     for text in texts[:10]:
         forward(text)
-    return Result("latency, one short text", len(texts), 0.0, extra={"in-process forward": _latency(forward, texts)})
+    return Result(LATENCY, len(texts), 0.0, extra={"in-process forward": _latency(forward, texts)})
 
 
 def bench_kernels(model: ModelConfig, corpus: Corpus, repeats: int) -> list[Result]:
@@ -349,18 +361,27 @@ def _chunks(texts: list[str], size: int = TEXTS_PER_REQUEST) -> list[list[str]]:
     return [texts[i:i + size] for i in range(0, len(texts), size)]
 
 
+Body = Callable[[list[str]], dict]
+
+
+def _inputs(texts: list[str]) -> dict:
+    """The cluster's own request body (``/embed``, ``/embed_sparse``, ``/embed_chunks``)."""
+    return {"inputs": texts}
+
+
 async def _http_run(url: str, texts: list[str], path: str = "/embed", per_request: int = TEXTS_PER_REQUEST,
-                    **fields) -> list:
-    """POST ``texts`` in requests of ``per_request`` from ``CLIENTS`` concurrent clients; the answers."""
+                    body: Body = _inputs, **fields) -> list:
+    """POST ``texts`` to ``url + path`` in requests of ``per_request`` (each ``body(chunk)`` with
+    ``fields``) from ``CLIENTS`` concurrent clients; the answers."""
     import httpx
 
     limits = httpx.Limits(max_connections=CLIENTS)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         semaphore = asyncio.Semaphore(CLIENTS)
 
         async def send(chunk: list[str]):
             async with semaphore:
-                response = await client.post(path, json={"inputs": chunk, **fields})
+                response = await client.post(url + path, json=body(chunk) | fields)
                 response.raise_for_status()
                 return response.json()
 
@@ -443,11 +464,19 @@ def _latency(call, texts: list[str]) -> dict[str, float]:
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * float(np.percentile(times, 95))}
 
 
-def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_requests: int,
-                  reranker: str | None = None, sparse: str | None = None) -> list[Result]:
-    """Start a local cluster with ``config``, measure the handle, HTTP, latency, reranking, SPLADE and
-    bulk, shut it down."""
+def _http_latency(url: str, texts: list[str], body: Body = _inputs) -> dict[str, float]:
+    """``_latency`` of POSTing each of ``texts`` alone to ``url``, one request after the other on one
+    keep-alive connection."""
     import httpx
+
+    with httpx.Client(timeout=60) as http:
+        return _latency(lambda text: http.post(url, json=body([text])).raise_for_status(), texts)
+
+
+def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_requests: int,
+                  reranker: str | None = None, sparse: str | None = None, peers: Sequence[Peer] = ()) -> list[Result]:
+    """Start a local cluster with ``config``, measure the handle, HTTP, latency, ``peers`` beside it
+    (and its one-text-a-request row, theirs to compare with), reranking, SPLADE and bulk, shut it down."""
     import ray
     from ray import serve
 
@@ -456,6 +485,8 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
 
     model = config.models[0]
     wordpieces = int(load_indexer(model).fold(corpus.texts).num_wordpieces.sum())
+    front = apply_front(config.http.front)
+    logger.info("the cluster's HTTP front: %s", front)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="embedding-cluster-bench")
     try:
         serve.start(http_options={"host": config.http.host, "port": config.http.port})
@@ -473,20 +504,130 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
                             short_only=True)
         short_http.cores = _cores_by_process(lambda: asyncio.run(_http_run(url, corpus.short)))
         probes = corpus.short[:latency_requests]
-        with httpx.Client(base_url=url, timeout=60) as http:
-            http_latency = _latency(lambda t: http.post("/embed", json={"inputs": [t]}).raise_for_status(), probes)
+        http_latency = _http_latency(f"{url}/embed", probes)
         handle_latency = _latency(lambda t: client.embed([t]), probes)
-        latency = Result("latency, one short text", latency_requests, 0.0,
-                         extra={"http": http_latency, "handle": handle_latency})
+        latency = Result(LATENCY, latency_requests, 0.0, extra={"http": http_latency, "handle": handle_latency})
+        peer_results = []
+        if peers:  # the cluster's one-text row, then each peer's rows on the same texts, by the same client code
+            peer_results.append(Result(CLUSTER_ONE_TEXT, len(corpus.short),
+                                       _timed(lambda: asyncio.run(_http_run(url, corpus.short, per_request=1)),
+                                              repeats), short_wordpieces, short_only=True))
+            checked = corpus.short[:PEER_CHECK_TEXTS]
+            reference = np.asarray([v for answer in asyncio.run(_http_run(url, checked)) for v in answer])
+            for peer in peers:
+                peer_results += bench_peer(peer, corpus.short, short_wordpieces, repeats, latency_requests, reference)
         chunking = bench_chunks(url, model, corpus.long, repeats)
         serve.delete(config.app_name)
         reranking = bench_rerank(config, corpus, repeats, reranker)
         sparse_results = bench_sparse(config, corpus, repeats, sparse)
         bulk_results = bench_bulk(model, texts)
-        return [handle, over_http, short_http, latency, *chunking, *reranking, *sparse_results, *bulk_results]
+        return [handle, over_http, short_http, latency, *peer_results, *chunking, *reranking, *sparse_results,
+                *bulk_results]
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An embedding server already running (Infinity, TEI, ...) at ``url``, an OpenAI-style embeddings
+    route: sent ``{"model": model, "input": [texts]}``, it answers ``{"data": [{"embedding": [...]}, ...]}``."""
+
+    name: str
+    url: str
+    model: str | None = None  # None: the bench model's name (``run_bench`` fills it in)
+
+    def body(self, texts: list[str]) -> dict:
+        """The request body that embeds ``texts`` (``_http_run``'s ``body``)."""
+        return {"model": self.model, "input": texts}
+
+
+class PeerError(RuntimeError):
+    """A peer that cannot be reached or answers wrongly; the message names it and its URL."""
+
+
+def parse_peer(value: str) -> Peer:
+    """``NAME=URL[=MODEL]``, an entry of serve_floor.py's ``PEERS``: NAME goes in the rows' names, URL
+    is the peer's embeddings route (http or https, no '=' in it), MODEL what its requests put in
+    "model". A ``ValueError`` says what is wrong with ``value``."""
+    parts = value.split("=")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"{value!r} is not NAME=URL[=MODEL] (e.g. infinity=http://127.0.0.1:7997/embeddings=minilm)")
+    name, url, model = parts[0], parts[1], parts[2] if len(parts) == 3 else None
+    if not PEER_NAME.fullmatch(name):
+        raise ValueError(f"peer name {name!r} in {value!r}: letters, digits, '.', '_' and '-' only")
+    split = urlsplit(url)
+    try:
+        port = split.port
+    except ValueError:  # a port that is no number, or out of range
+        port = 0
+    if split.scheme not in ("http", "https") or not split.hostname or port == 0:
+        raise ValueError(f"peer {name}: {url!r} is not an http(s) URL with a host")
+    if model == "":
+        raise ValueError(f"peer {name}: the MODEL after its URL is empty")
+    return Peer(name, url, model)
+
+
+def peer_row(name: str, what: str) -> str:
+    """The name of peer ``name``'s row ``what`` (``ONE_TEXT``, ``SHORT_TEXTS``, ``LATENCY``)."""
+    return f"peer {name}: {what}"
+
+
+def check_peer(peer: Peer, texts: list[str], reference: np.ndarray | None = None) -> str:
+    """POST ``texts`` to ``peer`` in one request: a ``PeerError`` unless it answers 200 with one vector a
+    text. With ``reference`` (the cluster's vectors of ``texts``): a note of their least cosine, a
+    warning (logged too) when under ``MIN_PEER_COSINE`` or when the dims differ, as from another model."""
+    import httpx
+
+    where = f"peer {peer.name} at {peer.url}"
+    try:
+        response = httpx.post(peer.url, json=peer.body(texts), timeout=60)
+    except httpx.HTTPError as error:
+        raise PeerError(f"{where} cannot be reached: {error}") from error
+    if response.status_code != 200:
+        raise PeerError(f"{where} answered {response.status_code}: {response.text[:200]}")
+    try:
+        vectors = np.asarray([entry["embedding"] for entry in response.json()["data"]], dtype=np.float32)
+    except (ValueError, KeyError, TypeError) as error:
+        raise PeerError(f"{where} did not answer OpenAI's data[].embedding lists of floats: "
+                        f"{response.text[:200]}") from error
+    if vectors.ndim != 2 or len(vectors) != len(texts):
+        raise PeerError(f"{where} answered {len(vectors)} vectors for {len(texts)} texts")
+    if reference is None:
+        return ""
+    if vectors.shape[1] != reference.shape[1]:
+        warning = f"{vectors.shape[1]} dims, the cluster's {reference.shape[1]}: not compared"
+    else:
+        cosine = _min_cosine(reference, vectors)
+        if cosine >= MIN_PEER_COSINE:
+            return f"min cos to the cluster {cosine:.4f}"
+        warning = f"min cos to the cluster {cosine:.4f} < {MIN_PEER_COSINE}"
+    logger.warning("%s (model %r): %s; another model than the cluster's?", where, peer.model, warning)
+    return f"WARNING: {warning}"
+
+
+def bench_peer(peer: Peer, texts: list[str], wordpieces: int, repeats: int, latency_requests: int,
+               reference: np.ndarray) -> list[Result]:
+    """``peer``'s rows, timed as the cluster's are (``_http_run``, ``_http_latency``) on the same short
+    ``texts`` (``wordpieces`` by the bench model's tokenizer): one text a request from ``CLIENTS``
+    clients, the first ``latency_requests`` alone one after the other, ``TEXTS_PER_REQUEST`` a request.
+    Checked first (``check_peer``) against ``reference``, the cluster's vectors of the first texts."""
+    import httpx
+
+    note = f"model {peer.model!r}; {check_peer(peer, texts[:len(reference)], reference)}"
+
+    def timed(per_request: int) -> float:
+        return _timed(lambda: asyncio.run(_http_run(peer.url, texts, "", per_request, peer.body)), repeats)
+
+    try:
+        one_text = Result(peer_row(peer.name, ONE_TEXT), len(texts), timed(1), wordpieces, note=note, compare=False)
+        latency = Result(peer_row(peer.name, LATENCY), latency_requests, 0.0,
+                         extra={"http": _http_latency(peer.url, texts[:latency_requests], peer.body)})
+        short_texts = Result(peer_row(peer.name, SHORT_TEXTS), len(texts), timed(TEXTS_PER_REQUEST), wordpieces,
+                             note=note, compare=False)
+    except httpx.HTTPError as error:
+        raise PeerError(f"peer {peer.name} at {peer.url} failed while timed: {error}") from error
+    return [one_text, latency, short_texts]
 
 
 def bench_chunks(url: str, model: ModelConfig, documents: list[str], repeats: int) -> list[Result]:
@@ -731,9 +872,15 @@ def bench_bulk(model: ModelConfig, texts: list[str], copies: int = BULK_COPIES) 
 
 
 def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_requests: int = 100,
-              cluster: bool = True, reranker: str | None = None, sparse: str | None = None) -> dict:
-    """Run every contender; return the report (also what ``--json`` writes)."""
+              cluster: bool = True, reranker: str | None = None, sparse: str | None = None,
+              peers: Sequence[Peer] = ()) -> dict:
+    """Run every contender; return the report (also what ``--json`` writes). ``peers`` are measured
+    beside the cluster; each is checked first (``check_peer``), so one that is down stops the bench
+    (``PeerError``) before anything runs."""
     model = config.models[0]
+    peers = [replace(peer, model=peer.model or model.name) for peer in peers]
+    for peer in peers:
+        check_peer(peer, corpus.short[:PEER_CHECK_TEXTS])
     # first, before the other contenders start threads of their own (ONNX Runtime's, the limit's)
     forward = bench_forward_latency(model, corpus.short[:latency_requests])
     results = [bench_limit(model, corpus.texts, repeats, "limit: encode_folded in-process"),
@@ -744,7 +891,7 @@ def run_bench(corpus: Corpus, config: ClusterConfig, repeats: int = 3, latency_r
     results += bench_sentence_transformers(model, corpus, repeats)
     results += bench_kernels(model, corpus, repeats)
     if cluster:
-        cluster_results = bench_cluster(config, corpus, repeats, latency_requests, reranker, sparse)
+        cluster_results = bench_cluster(config, corpus, repeats, latency_requests, reranker, sparse, peers)
         latency = next(r for r in cluster_results if r.name == forward.name)
         latency.extra = forward.extra | latency.extra
         results += cluster_results
@@ -778,7 +925,7 @@ def targets(rows: list[dict]) -> list[dict]:
         row = by_name.get(name)
         return row["texts_per_s"] if row else None
 
-    latency = by_name.get("latency, one short text", {}).get("extra", {})
+    latency = by_name.get(LATENCY, {}).get("extra", {})
     forward = latency.get("in-process forward")
     if forward and "http" in latency:
         check("one short text over HTTP, p50 / in-process forward p50", latency["http"]["p50_ms"] / forward["p50_ms"],
@@ -810,6 +957,17 @@ def targets(rows: list[dict]) -> list[dict]:
     fp32_limit, onnx = rate("limit, short texts only, fp32"), rate("kernel: ONNX Runtime fp32 (exported here)")
     if fp32_limit and onnx:
         check("limit fp32 / ONNX Runtime fp32, short texts", fp32_limit / onnx, 1.0)
+    cluster_one_text, cluster_short = rate(CLUSTER_ONE_TEXT), rate("cluster over HTTP, short texts only")
+    for peer in dict.fromkeys(name.removeprefix("peer ").split(":")[0] for name in by_name if name.startswith("peer ")):
+        one_text, short_texts = rate(peer_row(peer, ONE_TEXT)), rate(peer_row(peer, SHORT_TEXTS))
+        peer_latency = by_name.get(peer_row(peer, LATENCY), {}).get("extra", {}).get("http")
+        if cluster_one_text and one_text:
+            check(f"{ONE_TEXT}: cluster req/s >= 1.0x peer {peer}'s", cluster_one_text / one_text, 1.0)
+        if "http" in latency and peer_latency:
+            check(f"single request p50: cluster <= peer {peer}'s", latency["http"]["p50_ms"] / peer_latency["p50_ms"],
+                  1.0, at_most=True)
+        if cluster_short and short_texts:
+            check(f"{TEXTS_PER_REQUEST} texts a request: cluster >= 3x peer {peer}'s", cluster_short / short_texts, 3.0)
     return found
 
 
@@ -846,5 +1004,5 @@ def format_table(report: dict) -> str:
 
 
 def bench_config(config: ClusterConfig, port: int) -> ClusterConfig:
-    """The config with HTTP on a port of the bench's own."""
-    return config.model_copy(update={"http": HTTPConfig(host="127.0.0.1", port=port)})
+    """The config with HTTP on a loopback port of the bench's own (its front kept)."""
+    return config.model_copy(update={"http": config.http.model_copy(update={"host": "127.0.0.1", "port": port})})

@@ -17,6 +17,7 @@ from cluster.ray_connect import ClusterAuthError, join_ray
 from deployments.errors import ModelLoadError
 
 if TYPE_CHECKING:
+    from cluster.bench import Peer
     from cluster.bulk_job import BulkSummary
 
 logger = logging.getLogger("embedding_cluster")
@@ -24,7 +25,8 @@ logger = logging.getLogger("embedding_cluster")
 
 def _config_from_args(args: argparse.Namespace) -> ClusterConfig:
     config = load_config(args.config)
-    http = config.http.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    overrides = (("host", args.host), ("port", args.port), ("front", getattr(args, "front", None)))
+    http = config.http.model_copy(update={k: v for k, v in overrides if v is not None})
     return config.model_copy(update={"http": http}).with_api_key(args.api_key)
 
 
@@ -47,6 +49,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
+    from cluster.front import apply_front
     from deployments.weight_store import release_weights
 
     try:
@@ -58,6 +61,11 @@ def serve_command(args: argparse.Namespace) -> int:
         logger.warning("HTTP binds %s: the API is reachable from other machines%s", config.http.host,
                        "" if config.api_key else " and has no API key (--api-key)")
     joined = args.address is not None
+    try:
+        front = "the cluster's own" if joined else apply_front(config.http.front)
+    except ValueError as error:
+        print(f"embedding-cluster serve: {error}", file=sys.stderr)
+        return 2
     try:
         join_ray(args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
     except ClusterAuthError as error:
@@ -77,7 +85,7 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"embedding-cluster serve: {deploy_failure(config.app_name, error)}", file=sys.stderr, flush=True)
             return 2
         print(f"embedding-cluster ready: http://{config.http.host}:{config.http.port} "
-              f"(docs at /docs; Ctrl-C to stop)", flush=True)
+              f"(front: {front}; docs at /docs; Ctrl-C to stop)", flush=True)
         stop.wait()
         logger.info("stopping: draining requests in flight")
     finally:
@@ -196,8 +204,15 @@ def bench_command(args: argparse.Namespace) -> int:
     import json
     import socket
 
-    from cluster.bench import bench_config, default_corpus, format_table, load_corpus, run_bench
+    from cluster.bench import PeerError, bench_config, default_corpus, format_table, load_corpus, run_bench
 
+    names = [peer.name for peer in args.peer]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    refusal = ("--peer is measured against the cluster: drop --no-cluster" if args.peer and args.no_cluster else
+               f"--peer names must differ: {', '.join(twice)} given twice" if twice else None)
+    if refusal:
+        print(f"embedding-cluster bench: {refusal}", file=sys.stderr)
+        return 2
     config = load_config(args.config)
     model = config.model(args.model) if args.model else config.models[0]
     short, long, repeats, latency = (48, 3, 1, 10) if args.quick else (1200, 60, 3, 100)
@@ -206,12 +221,26 @@ def bench_command(args: argparse.Namespace) -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = bench_config(config.model_copy(update={"models": [model]}), port).with_local_threads(os.cpu_count() or 1)
-    report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster,
-                       reranker=args.reranker, sparse=args.sparse)
+    try:
+        report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster,
+                           reranker=args.reranker, sparse=args.sparse, peers=args.peer)
+    except PeerError as error:
+        print(f"embedding-cluster bench: {error}", file=sys.stderr)
+        return 2
     print(format_table(report), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _peer_argument(value: str) -> Peer:
+    """A ``--peer`` value, refused as argparse refuses a bad value (usage, the reason, exit 2)."""
+    from cluster.bench import parse_peer
+
+    try:
+        return parse_peer(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def config_command(args: argparse.Namespace) -> int:
@@ -247,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 exposes the API)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--address", help="join this Ray cluster (HEAD:PORT or 'auto') instead of starting one")
+    serve.add_argument("--front", choices=["auto", "haproxy", "proxy"],
+                       help="what takes the HTTP port: Ray Serve's HAProxy ingress or its Python proxy (default: the "
+                            "config's http.front, auto: HAProxy when its binary is installed)")
     serve.add_argument("--api-key", help="require this key on every route but /health "
                                          "(default: $EMBEDDING_CLUSTER_API_KEY)")
     serve.set_defaults(func=serve_command)
@@ -302,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "transformer with an untrained one-label head)")
     bench.add_argument("--sparse", help="a SparseEncoder (SPLADE) folder for the sparse rows (default: the model's "
                                         "transformer with an untrained masked-LM head)")
+    bench.add_argument("--peer", action="append", default=[], type=_peer_argument, metavar="NAME=URL[=MODEL]",
+                       help="also measure this embedding server, already running (Infinity, TEI), on the cluster's "
+                            "rows: one text a request, single-request latency, 16 texts a request; URL its "
+                            "OpenAI-style embeddings route, sent {\"model\": MODEL, \"input\": [...]} (MODEL "
+                            "default: the bench model's name); repeatable")
     bench.add_argument("--json", help="also write the report to this file")
     bench.set_defaults(func=bench_command)
 

@@ -102,3 +102,10 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def apply_front(front: Front) -> str:
+    """Set the environment that gives the Ray this process starts next ``front``; the front it gets, in
+    words (``ValueError`` as ``front_environment``)."""
+    os.environ.update(front_environment(front))
+    return "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's Python proxy"

@@ -1,16 +1,25 @@
 """One smoke test of ``embedding-cluster bench --quick``: every contender runs and reports a rate; and
-the pieces of the sparse rows (their SPLADE folder, their targets) on their own."""
+the pieces of the sparse rows (their SPLADE folder, their targets) and of the peers (``--peer``, their
+rows against a stand-in server, their targets) on their own."""
 
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
+import threading
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from cluster.bench import DENSE_FOR_SPARSE, SPARSE_ACTIVE_DIMS, SPARSE_HTTP, bench_sparse_folder, targets
+from cluster.bench import (CLUSTER_ONE_TEXT, DENSE_FOR_SPARSE, LATENCY, ONE_TEXT, PEER_CHECK_TEXTS, SHORT_TEXTS,
+                           SPARSE_ACTIVE_DIMS, SPARSE_HTTP, TEXTS_PER_REQUEST, Peer, PeerError, bench_peer,
+                           bench_sparse_folder, check_peer, peer_row, targets)
+from cluster.cli import build_parser, main
 from deployments.settings import ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,3 +108,143 @@ def test_sparse_targets():
     assert (speed["figure"], speed["goal"], speed["met"]) == (1.5, ">= 1.0", True)
     memory = found["sparse replica's peak RSS / the dense model's replica's, over HTTP"]
     assert (memory["figure"], memory["goal"], memory["met"]) == (1.8, "<= 1.5", False)
+
+
+def test_peer_parsed():
+    """``--peer NAME=URL[=MODEL]``, repeatable; without MODEL the bench model's name goes in "model" later."""
+    args = build_parser().parse_args(["bench", "--peer", "infinity=http://127.0.0.1:7997/embeddings=minilm",
+                                      "--peer", "tei=https://tei.example:8080/v1/embeddings"])
+    assert args.peer == [Peer("infinity", "http://127.0.0.1:7997/embeddings", "minilm"),
+                         Peer("tei", "https://tei.example:8080/v1/embeddings")]
+    assert args.peer[0].body(["a", "b"]) == {"model": "minilm", "input": ["a", "b"]}
+    assert build_parser().parse_args(["bench"]).peer == []
+
+
+@pytest.mark.parametrize("value, message", [
+    ("infinity", "'infinity' is not NAME=URL[=MODEL]"),
+    ("a=http://h/e=m=x", "is not NAME=URL[=MODEL]"),
+    ("=http://h/e", "peer name ''"),
+    ("my peer=http://h/e", "peer name 'my peer'"),
+    ("a=ftp://h/e", "peer a: 'ftp://h/e' is not an http(s) URL with a host"),
+    ("a=http:///e", "is not an http(s) URL with a host"),
+    ("a=http://h:port/e", "is not an http(s) URL with a host"),
+    ("a=http://h/e=", "peer a: the MODEL after its URL is empty"),
+])
+def test_peer_refused(value, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["bench", "--peer", value])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "argument --peer: " in error and message in error
+
+
+def test_peer_targets():
+    """Each peer's three targets against the cluster's rows, from made-up rows; a peer missing a row
+    gets only the targets its rows give."""
+    rows = [{"name": CLUSTER_ONE_TEXT, "texts_per_s": 80.0},
+            {"name": "cluster over HTTP, short texts only", "texts_per_s": 300.0},
+            {"name": LATENCY, "extra": {"http": {"p50_ms": 20.0, "p95_ms": 30.0}}},
+            {"name": peer_row("infinity", ONE_TEXT), "texts_per_s": 100.0},
+            {"name": peer_row("infinity", LATENCY), "extra": {"http": {"p50_ms": 10.0, "p95_ms": 12.0}}},
+            {"name": peer_row("infinity", SHORT_TEXTS), "texts_per_s": 90.0},
+            {"name": peer_row("tei", ONE_TEXT), "texts_per_s": 40.0}]
+    found = {t["target"]: (t["figure"], t["goal"], t["met"]) for t in targets(rows)}
+    assert found == {"one text a request, 32 clients: cluster req/s >= 1.0x peer infinity's": (0.8, ">= 1.0", False),
+                     "single request p50: cluster <= peer infinity's": (2.0, "<= 1.0", False),
+                     "16 texts a request: cluster >= 3x peer infinity's": (3.333, ">= 3.0", True),
+                     "one text a request, 32 clients: cluster req/s >= 1.0x peer tei's": (2.0, ">= 1.0", True)}
+
+
+def _stand_in_vector(text: str) -> list[float]:
+    return [1.0, float(len(text)), float(text.count(" "))]
+
+
+@pytest.fixture(scope="module")
+def stand_in_peer():
+    """A tiny OpenAI-style embeddings server (FastAPI under uvicorn, in a thread) on a port of its own:
+    ``/embeddings`` answers ``_stand_in_vector`` of each text, ``/embeddings-short`` one vector too few.
+    Its URL, and the bodies ``/embeddings`` got."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    app, bodies = FastAPI(), []
+
+    @app.post("/embeddings")
+    async def embeddings(body: dict) -> dict:
+        bodies.append(body)
+        return {"data": [{"embedding": _stand_in_vector(text), "index": i} for i, text in enumerate(body["input"])]}
+
+    @app.post("/embeddings-short")
+    async def embeddings_short(body: dict) -> dict:
+        return {"data": [{"embedding": _stand_in_vector(text)} for text in body["input"][1:]]}
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()  # from here, connections wait in its backlog until the server accepts them
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", bodies
+        server.should_exit = True
+        thread.join()
+
+
+TEXTS = [f"text number {i}" + " word" * (i % 5) for i in range(2 * TEXTS_PER_REQUEST)]
+
+
+def test_bench_peer(stand_in_peer):
+    """A peer's rows: the same texts sent by the cluster's rows' client code, checked first against the
+    cluster's vectors; one text a request from 32 clients, one at a time, 16 a request."""
+    url, bodies = stand_in_peer
+    bodies.clear()
+    reference = np.asarray([_stand_in_vector(text) for text in TEXTS[:PEER_CHECK_TEXTS]])
+    peer = Peer("stand-in", f"{url}/embeddings", "stand-in-model")
+    results = bench_peer(peer, TEXTS, 500, repeats=1, latency_requests=4, reference=reference)
+    assert [r.name for r in results] == [peer_row("stand-in", what) for what in (ONE_TEXT, LATENCY, SHORT_TEXTS)]
+    one_text, latency, short_texts = results
+    for row in (one_text, short_texts):
+        assert row.texts == len(TEXTS) and row.wordpieces == 500 and row.texts_per_s > 0 and not row.compare
+        assert row.note == "model 'stand-in-model'; min cos to the cluster 1.0000"
+    assert 0 < latency.extra["http"]["p50_ms"] <= latency.extra["http"]["p95_ms"]
+    assert all(body["model"] == "stand-in-model" for body in bodies)
+    # the check first; then each timed run (a warm-up and repeats=1) sends all the texts, and 4 go alone
+    assert bodies[0]["input"] == TEXTS[:PEER_CHECK_TEXTS]
+    sizes = Counter(len(body["input"]) for body in bodies[1:])
+    assert sizes == {1: 2 * len(TEXTS) + 4, TEXTS_PER_REQUEST: 2 * len(TEXTS) // TEXTS_PER_REQUEST}
+    alone = sorted(body["input"][0] for body in bodies[1:] if len(body["input"]) == 1)
+    assert alone == sorted(TEXTS * 2 + TEXTS[:4])
+
+
+@pytest.mark.parametrize("reference, warning", [
+    (lambda vectors: -vectors, "min cos to the cluster -1.0000 < 0.99"),
+    (lambda vectors: np.hstack([vectors, vectors]), "3 dims, the cluster's 6: not compared"),
+])
+def test_check_peer_warns(stand_in_peer, reference, warning, caplog):
+    """Vectors unlike the cluster's, or of other dims, give a warning in the rows' note, not a failure."""
+    url, _ = stand_in_peer
+    vectors = np.asarray([_stand_in_vector(text) for text in TEXTS[:4]])
+    note = check_peer(Peer("stand-in", f"{url}/embeddings", "m"), TEXTS[:4], reference(vectors))
+    assert note == f"WARNING: {warning}"
+    assert warning in caplog.text and "peer stand-in" in caplog.text
+
+
+@pytest.mark.parametrize("path, message", [("/embeddings-short", "answered 3 vectors for 4 texts"),
+                                           ("/nowhere", "answered 404")])
+def test_check_peer_refuses(stand_in_peer, path, message):
+    url, _ = stand_in_peer
+    with pytest.raises(PeerError, match=re.escape(f"peer bad at {url}{path} {message}")):
+        check_peer(Peer("bad", f"{url}{path}", "m"), TEXTS[:4])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--peer", "gone={gone}"], "embedding-cluster bench: peer gone at {gone} cannot be reached"),
+    (["--peer", "a={gone}", "--peer", "a={gone}=m"], "--peer names must differ: a given twice"),
+    (["--peer", "a={gone}", "--no-cluster"], "embedding-cluster bench: --peer is measured against the cluster"),
+])
+def test_bench_refuses_peers(arguments, message, tmp_path, capsys, free_port):
+    """A peer nobody answers at, two peers of one name, peers without the cluster: exit 2 and why,
+    before any model loads."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    gone = f"http://127.0.0.1:{free_port()}/embeddings"
+    assert main(["bench", "--quick", "--corpus", str(corpus), *(a.format(gone=gone) for a in arguments)]) == 2
+    assert message.format(gone=gone) in capsys.readouterr().err
