@@ -82,7 +82,7 @@ def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port, mi
             ModelConfig(name="scale-b", model_name=tiny_bert_path, max_length=32, num_cpus=0.25,
                         autoscaling=SCALING),
             # one-text load on it is merged into at most merge_in_flight (2) calls, under its target of 4
-            ModelConfig(name="scale-merged", model_name=minilm_path, dtype="float32", num_cpus=0.25,
+            ModelConfig(name="scale-merged", model_name=minilm_path, dtype="float32", num_cpus=0.05,
                         autoscaling=SCALING | {"target_ongoing_requests": 4}),
             ModelConfig(name="minilm-private", model_name=minilm_path, dtype="float32", num_cpus=0.25,
                         share_weights=False),
