@@ -8,6 +8,7 @@ the float32 vectors they get alone (to batching's last bits), and a bad request 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -189,17 +190,31 @@ def test_one_text_load_scales_the_encoder(serve_cluster):
 
     assert running() == 1
     merged = []
+    until = time.monotonic() + 120
+    scaled = threading.Event()
 
-    async def load(until: float) -> None:
+    def watch() -> None:  # in a thread: serve.status() blocks, and would stall the clients' event loop
+        while time.monotonic() < until and not scaled.is_set():
+            if running() >= 2:
+                scaled.set()
+            scaled.wait(0.5)
+
+    async def load() -> None:
         async with httpx.AsyncClient(base_url=serve_cluster.url, timeout=120) as client:
             async def one(number: int) -> None:
-                while time.monotonic() < until and running() < 2:
+                while time.monotonic() < until and not scaled.is_set():
                     answer = await client.post("/embed", json={"model": "scale-merged", "inputs": f"query {number}"})
                     assert answer.status_code == 200, answer.text
                     merged.append(int(answer.headers["x-merged-requests"]))
 
             await asyncio.gather(*(one(number) for number in range(32)))
 
-    asyncio.run(load(time.monotonic() + 120))
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        asyncio.run(load())
+    finally:
+        scaled.set()
+        watcher.join()
     assert running() == 2
     assert max(merged) > 4  # calls did carry more requests than Serve's target
