@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("embedding_cluster")
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 def _config_from_args(args: argparse.Namespace) -> ClusterConfig:
     config = load_config(args.config)
@@ -43,6 +45,24 @@ def deploy_failure(app_name: str, error: Exception) -> str:
     return str(error).splitlines()[0]
 
 
+def grpc_exposure(config: ClusterConfig) -> str | None:
+    """Why ``config``'s gRPC cannot be served as it stands, or ``None``. Ray Serve binds its gRPC
+    listeners on every interface (``[::]``) whatever ``http.host``: the Python proxy's port, and under
+    HAProxy (whose own gRPC frontend binds ``http.host``) the head's fallback proxy and every ingress
+    replica's direct gRPC server. Beside a loopback HTTP host that would open the API to the network
+    unasked: refused without an API key, warned with one."""
+    if config.grpc.port is None or config.http.host not in LOOPBACK_HOSTS:
+        return None
+    if not config.api_key:
+        return (f"grpc.port {config.grpc.port} would be reachable from other machines: Ray Serve binds gRPC on "
+                f"every interface, whatever http.host ({config.http.host}); set an API key (--api-key, "
+                "EMBEDDING_CLUSTER_API_KEY or api_key), which gRPC calls must send too, or set http.host to a "
+                "non-loopback address to serve both openly")
+    logger.warning("gRPC port %d is reachable from other machines (Ray Serve binds gRPC on every interface, "
+                   "whatever http.host %s); calls need the API key", config.grpc.port, config.http.host)
+    return None
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Start (or join) Ray, deploy the app, serve until SIGINT/SIGTERM, then shut down cleanly."""
     import ray
@@ -57,9 +77,12 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"embedding-cluster serve: {error}", file=sys.stderr)
         return 2
-    if config.http.host not in ("127.0.0.1", "localhost", "::1"):
+    if config.http.host not in LOOPBACK_HOSTS:
         logger.warning("HTTP binds %s: the API is reachable from other machines%s", config.http.host,
                        "" if config.api_key else " and has no API key (--api-key)")
+    if (problem := grpc_exposure(config)) is not None:
+        print(f"embedding-cluster serve: {problem}", file=sys.stderr)
+        return 2
     joined = args.address is not None
     try:
         front = "the cluster's own" if joined else apply_front(config.http.front)
@@ -77,14 +100,16 @@ def serve_command(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        serve.start(http_options={"host": config.http.host, "port": config.http.port},
+                    grpc_options=config.grpc.serve_options())
         logger.info("deploying %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))
         try:
             serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
         except RuntimeError as error:
             print(f"embedding-cluster serve: {deploy_failure(config.app_name, error)}", file=sys.stderr, flush=True)
             return 2
-        print(f"embedding-cluster ready: http://{config.http.host}:{config.http.port} "
+        grpc = "" if config.grpc.port is None else f", gRPC (TEI's tei.v1) on port {config.grpc.port}"
+        print(f"embedding-cluster ready: http://{config.http.host}:{config.http.port}{grpc} "
               f"(front: {front}; docs at /docs; Ctrl-C to stop)", flush=True)
         stop.wait()
         logger.info("stopping: draining requests in flight")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,9 +18,12 @@ from deployments.settings import (
     TokenizerSettings,
 )
 
+if TYPE_CHECKING:
+    from ray.serve.config import gRPCOptions
+
 API_KEY_ENV = "EMBEDDING_CLUSTER_API_KEY"
 
-__all__ = ["ClusterConfig", "HTTPConfig", "IngressSettings", "LimitsSettings", "ModelConfig",
+__all__ = ["ClusterConfig", "GRPCConfig", "HTTPConfig", "IngressSettings", "LimitsSettings", "ModelConfig",
            "TokenizerSettings", "load_config"]
 
 
@@ -37,6 +40,27 @@ class HTTPConfig(BaseModel):
                                              "its binary is installed, as ray[serve] installs it on Linux).")
 
 
+class GRPCConfig(BaseModel):
+    """Hugging Face TEI's gRPC API (``tei.v1``: Info, Embed, Rerank; ``deployments.grpc_service``), off
+    unless a port is set: Serve's Python proxy takes the port, or HAProxy's gRPC frontend under the
+    HAProxy front. Ray binds its gRPC listeners on every interface whatever ``http.host`` (``serve``
+    refuses that beside a loopback HTTP host without an API key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int | None = Field(None, ge=1, le=65535, description="The gRPC port; null: no gRPC.")
+
+    def serve_options(self) -> gRPCOptions | None:
+        """Serve's ``grpc_options`` for ``serve.start`` (every TEI service registered), ``None`` when off."""
+        if self.port is None:
+            return None
+        from ray.serve.config import gRPCOptions
+
+        from deployments.protos import SERVICER_FUNCTIONS
+
+        return gRPCOptions(port=self.port, grpc_servicer_functions=SERVICER_FUNCTIONS)
+
+
 class ClusterConfig(BaseModel):
     """Models to serve, and how the tokenizer, the ingress and HTTP run."""
 
@@ -45,6 +69,7 @@ class ClusterConfig(BaseModel):
     app_name: str = "embeddings"
     route_prefix: str = "/"
     http: HTTPConfig = Field(default_factory=HTTPConfig)
+    grpc: GRPCConfig = Field(default_factory=GRPCConfig)
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)

@@ -35,7 +35,7 @@ class RequestGuard:
         if path in PROBES:
             return await self.app(scope, receive, send)
         request_id = request_id_of(scope)
-        if settings.api_key is not None and not _has_key(headers, settings.api_key):
+        if settings.api_key is not None and not has_api_key(headers, settings.api_key):
             error = UnauthorizedError("missing or wrong API key (send 'Authorization: Bearer <key>')")
             return await error_response(error, request_id)(scope, receive, send)
         if self.in_flight >= settings.limits.max_requests_in_flight:
@@ -66,7 +66,7 @@ class RequestGuard:
         await self.app(scope, counting_receive, send)
 
 
-def _has_key(headers: dict[bytes, bytes], key: str) -> bool:
+def has_api_key(headers: dict[bytes, bytes], key: str) -> bool:
     """``Authorization: Bearer <key>`` (what the openai client sends) or ``X-API-Key``, compared in constant time."""
     given = headers.get(b"authorization", b"")
     token = given[7:] if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.grpc_service import TEIServices
 from deployments.http_app import app, timed
 from deployments.http_errors import JSONBytesResponse, error_body
 from deployments.rerank_routes import cohere_rerank, tei_predict, tei_rerank
@@ -50,7 +51,7 @@ from deployments.settings import ServingSettings
 
 @serve.deployment(name="ingress")
 @serve.ingress(app)
-class Ingress(SparsePipeline):
+class Ingress(TEIServices, SparsePipeline):
     """The routes; the Python client calls the pipeline's methods through the app's handle."""
 
     def __init__(self, settings: ServingSettings, tokenizer: DeploymentHandle,

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.config import ClusterConfig, HTTPConfig, LimitsSettings, ModelConfig
+from cluster.config import ClusterConfig, GRPCConfig, HTTPConfig, LimitsSettings, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 APP_NAME = "embeddings-test"
@@ -67,6 +67,7 @@ def cluster_config(minilm_path, tiny_bert_path, tiny_roberta_path, free_port, mi
     return ClusterConfig(
         app_name=APP_NAME,
         http=HTTPConfig(port=free_port()),
+        grpc=GRPCConfig(port=free_port()),
         limits=LimitsSettings(max_inputs_per_request=100, max_chars_per_input=50_000,
                               max_wordpieces_per_request=20_000),
         models=[
@@ -124,7 +125,8 @@ def serve_cluster(cluster_config, guarded_config) -> RunningCluster:
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  namespace="embedding-cluster-tests")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": cluster_config.http.port})
+        serve.start(http_options={"host": "127.0.0.1", "port": cluster_config.http.port},
+                    grpc_options=cluster_config.grpc.serve_options())
         serve.run(build_app(cluster_config), name=APP_NAME, route_prefix="/")
         serve.run(build_app(guarded_config), name=GUARDED_APP, route_prefix=guarded_config.route_prefix)
         yield RunningCluster(config=cluster_config, url=f"http://127.0.0.1:{cluster_config.http.port}")
@@ -161,6 +163,12 @@ def module_app(serve_cluster):
 def http(serve_cluster):
     with httpx.Client(base_url=serve_cluster.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def grpc_target(serve_cluster) -> str:
+    """Where the session's gRPC (TEI's ``tei.v1``) answers; calls name their app in ``application`` metadata."""
+    return f"127.0.0.1:{serve_cluster.config.grpc.port}"
 
 
 @pytest.fixture(scope="session")
