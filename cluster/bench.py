@@ -2,7 +2,7 @@
 
 Contenders: the in-process limit (``encode_folded``), a naive padded
 ``transformers`` loop, ``sentence-transformers`` (short texts only: it
-truncates), the cluster through its handle and over HTTP, single-text latency,
+truncates), the cluster through its handle, over HTTP and over gRPC (TEI's ``Embed``), single-text latency,
 late chunking against chunks embedded alone, reranking against ``CrossEncoder.predict``,
 SPLADE against ``SparseEncoder.encode`` (and its replica's memory against the dense model's),
 the bulk ``ray.data`` job, and peers: embedding servers already running (Infinity, TEI), sent the
@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import re
+import socket
 import statistics
 import os
 import threading
@@ -31,7 +32,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, GRPCConfig
 from cluster.front import apply_front
 from deployments.loading import concurrent_batches, load_encoder, load_indexer, replica_device
 from deployments.settings import ModelConfig
@@ -65,6 +66,7 @@ ONE_TEXT = f"one text a request, {CLIENTS} clients"
 SHORT_TEXTS = f"short texts, {TEXTS_PER_REQUEST} a request, {CLIENTS} clients"
 LATENCY = "latency, one short text"
 CLUSTER_ONE_TEXT = f"cluster over HTTP, {ONE_TEXT}"
+CLUSTER_GRPC_ONE_TEXT = f"cluster over gRPC, {ONE_TEXT}"
 #: Texts a peer is sent in one request before it is timed, to check its answer.
 PEER_CHECK_TEXTS = TEXTS_PER_REQUEST
 #: Below this cosine between a peer's vector and the cluster's for a text, the peer serves another model.
@@ -388,6 +390,42 @@ async def _http_run(url: str, texts: list[str], path: str = "/embed", per_reques
         return await asyncio.gather(*(send(c) for c in _chunks(texts, per_request)))
 
 
+async def _grpc_run(target: str, texts: list[str], application: str) -> list:
+    """Embed each of ``texts`` alone over gRPC (TEI's ``Embed``) from ``CLIENTS`` concurrent clients,
+    each on its own channel (``_http_run``'s connections); the answers."""
+    import grpc
+
+    from deployments.protos import tei_pb2, tei_pb2_grpc
+
+    metadata = (("application", application),)
+    answers: list = [None] * len(texts)
+    channels = [grpc.aio.insecure_channel(target) for _ in range(CLIENTS)]
+
+    async def client(number: int) -> None:
+        stub = tei_pb2_grpc.EmbedStub(channels[number])
+        for index in range(number, len(texts), CLIENTS):
+            answer = await stub.Embed(tei_pb2.EmbedRequest(inputs=texts[index]), metadata=metadata)
+            answers[index] = answer.embeddings
+
+    try:
+        await asyncio.gather(*(client(number) for number in range(CLIENTS)))
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return answers
+
+
+def _grpc_latency(target: str, texts: list[str], application: str) -> dict[str, float]:
+    """``_latency`` of embedding each of ``texts`` alone over gRPC, one call after the other on one channel."""
+    import grpc
+
+    from deployments.protos import tei_pb2, tei_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = tei_pb2_grpc.EmbedStub(channel)
+        metadata = (("application", application),)
+        return _latency(lambda text: stub.Embed(tei_pb2.EmbedRequest(inputs=text), metadata=metadata), texts)
+
+
 async def _handle_run(client, texts: list[str]) -> None:
     semaphore = asyncio.Semaphore(CLIENTS)
 
@@ -475,8 +513,8 @@ def _http_latency(url: str, texts: list[str], body: Body = _inputs) -> dict[str,
 
 def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_requests: int,
                   reranker: str | None = None, sparse: str | None = None, peers: Sequence[Peer] = ()) -> list[Result]:
-    """Start a local cluster with ``config``, measure the handle, HTTP, latency, ``peers`` beside it
-    (and its one-text-a-request row, theirs to compare with), reranking, SPLADE and bulk, shut it down."""
+    """Start a local cluster with ``config``, measure the handle, HTTP, gRPC (one text a request, beside
+    HTTP's), latency, ``peers`` beside it, reranking, SPLADE and bulk, shut it down."""
     import ray
     from ray import serve
 
@@ -489,9 +527,11 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
     logger.info("the cluster's HTTP front: %s", front)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="embedding-cluster-bench")
     try:
-        serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        serve.start(http_options={"host": config.http.host, "port": config.http.port},
+                    grpc_options=config.grpc.serve_options())
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
         url = f"http://{config.http.host}:{config.http.port}"
+        grpc_target = f"{config.http.host}:{config.grpc.port}"
         client = EmbeddingClient(app_name=config.app_name)
         texts = corpus.texts
         handle = Result(f"cluster via handle, {CLIENTS} concurrent", len(texts),
@@ -506,12 +546,17 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
         probes = corpus.short[:latency_requests]
         http_latency = _http_latency(f"{url}/embed", probes)
         handle_latency = _latency(lambda t: client.embed([t]), probes)
-        latency = Result(LATENCY, latency_requests, 0.0, extra={"http": http_latency, "handle": handle_latency})
+        grpc_latency = _grpc_latency(grpc_target, probes, config.app_name)
+        latency = Result(LATENCY, latency_requests, 0.0,
+                         extra={"http": http_latency, "grpc": grpc_latency, "handle": handle_latency})
+        one_text = [Result(CLUSTER_ONE_TEXT, len(corpus.short),
+                           _timed(lambda: asyncio.run(_http_run(url, corpus.short, per_request=1)), repeats),
+                           short_wordpieces, short_only=True),
+                    Result(CLUSTER_GRPC_ONE_TEXT, len(corpus.short),
+                           _timed(lambda: asyncio.run(_grpc_run(grpc_target, corpus.short, config.app_name)),
+                                  repeats), short_wordpieces, short_only=True)]
         peer_results = []
-        if peers:  # the cluster's one-text row, then each peer's rows on the same texts, by the same client code
-            peer_results.append(Result(CLUSTER_ONE_TEXT, len(corpus.short),
-                                       _timed(lambda: asyncio.run(_http_run(url, corpus.short, per_request=1)),
-                                              repeats), short_wordpieces, short_only=True))
+        if peers:  # each peer's rows on the same texts as the cluster's one-text rows, by the same client code
             checked = corpus.short[:PEER_CHECK_TEXTS]
             reference = np.asarray([v for answer in asyncio.run(_http_run(url, checked)) for v in answer])
             for peer in peers:
@@ -521,8 +566,8 @@ def bench_cluster(config: ClusterConfig, corpus: Corpus, repeats: int, latency_r
         reranking = bench_rerank(config, corpus, repeats, reranker)
         sparse_results = bench_sparse(config, corpus, repeats, sparse)
         bulk_results = bench_bulk(model, texts)
-        return [handle, over_http, short_http, latency, *peer_results, *chunking, *reranking, *sparse_results,
-                *bulk_results]
+        return [handle, over_http, short_http, latency, *one_text, *peer_results, *chunking, *reranking,
+                *sparse_results, *bulk_results]
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -1004,5 +1049,14 @@ def format_table(report: dict) -> str:
 
 
 def bench_config(config: ClusterConfig, port: int) -> ClusterConfig:
-    """The config with HTTP on a loopback port of the bench's own (its front kept)."""
-    return config.model_copy(update={"http": config.http.model_copy(update={"host": "127.0.0.1", "port": port})})
+    """The config with HTTP on a loopback port of the bench's own (its front kept), and gRPC on a free
+    port unless the config names one."""
+    grpc = config.grpc if config.grpc.port is not None else GRPCConfig(port=_free_port())
+    return config.model_copy(update={"http": config.http.model_copy(update={"host": "127.0.0.1", "port": port}),
+                                     "grpc": grpc})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

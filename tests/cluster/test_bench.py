@@ -33,7 +33,7 @@ def test_bench_quick(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_file.read_text())
     names = [row["name"] for row in report["results"]]
-    for expected in ("limit: encode_folded", "naive", "sentence-transformers", "via handle", "over HTTP",
+    for expected in ("limit: encode_folded", "naive", "sentence-transformers", "via handle", "over HTTP", "over gRPC",
                      "latency", "late chunking", "cut client-side", "rerank: CrossEncoder.predict",
                      "rerank: cluster /rerank over HTTP", "long documents in windows", "sparse: SparseEncoder.encode",
                      SPARSE_HTTP, DENSE_FOR_SPARSE, "bulk"):
@@ -66,7 +66,7 @@ def test_bench_quick(tmp_path):
     assert "encoder replica RSS" in result.stdout
     assert rows["limit, short texts only, fp32"]["dtype"] == "float32"
     latency = rows["latency, one short text"]["extra"]
-    assert set(latency) == {"in-process forward", "http", "handle"}
+    assert set(latency) == {"in-process forward", "http", "grpc", "handle"}
     # where the time goes: the encoder replica is among the processes that used CPU during the HTTP run
     cores = rows["cluster over HTTP, short texts only"]["cores"]
     assert any("encoder" in name and used > 0 for name, used in cores.items()), cores
