@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 import re
-import socket
 import statistics
 import os
 import threading
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from cluster.config import ClusterConfig, GRPCConfig
-from cluster.front import apply_front
+from cluster.front import apply_front, free_port
 from deployments.loading import concurrent_batches, load_encoder, load_indexer, replica_device
 from deployments.settings import ModelConfig
 from embedder.inference import EncodeStats, encode_folded
@@ -1051,12 +1050,6 @@ def format_table(report: dict) -> str:
 def bench_config(config: ClusterConfig, port: int) -> ClusterConfig:
     """The config with HTTP on a loopback port of the bench's own (its front kept), and gRPC on a free
     port unless the config names one."""
-    grpc = config.grpc if config.grpc.port is not None else GRPCConfig(port=_free_port())
+    grpc = config.grpc if config.grpc.port is not None else GRPCConfig(port=free_port())
     return config.model_copy(update={"http": config.http.model_copy(update={"host": "127.0.0.1", "port": port}),
                                      "grpc": grpc})
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

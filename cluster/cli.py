@@ -227,9 +227,9 @@ def score_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     """Measure every contender on one corpus; print the table, optionally write JSON."""
     import json
-    import socket
 
     from cluster.bench import PeerError, bench_config, default_corpus, format_table, load_corpus, run_bench
+    from cluster.front import free_port
 
     names = [peer.name for peer in args.peer]
     twice = sorted({name for name in names if names.count(name) > 1})
@@ -242,10 +242,8 @@ def bench_command(args: argparse.Namespace) -> int:
     model = config.model(args.model) if args.model else config.models[0]
     short, long, repeats, latency = (48, 3, 1, 10) if args.quick else (1200, 60, 3, 100)
     corpus = load_corpus(args.corpus) if args.corpus else default_corpus(short, long)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = bench_config(config.model_copy(update={"models": [model]}), port).with_local_threads(os.cpu_count() or 1)
+    config = bench_config(config.model_copy(update={"models": [model]}), free_port())
+    config = config.with_local_threads(os.cpu_count() or 1)
     try:
         report = run_bench(corpus, config, repeats=repeats, latency_requests=latency, cluster=not args.no_cluster,
                            reranker=args.reranker, sparse=args.sparse, peers=args.peer)

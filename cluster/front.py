@@ -94,11 +94,12 @@ def front_environment(front: Front) -> dict[str, str]:
     cores = os.cpu_count() or 1
     settings = {**HAPROXY_SETTINGS, "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
                 "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 2)))}
-    settings |= {name: str(_free_port()) for name in SIDE_PORTS if name not in os.environ}
+    settings |= {name: str(free_port()) for name in SIDE_PORTS if name not in os.environ}
     return {name: value for name, value in settings.items() if name not in os.environ}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port free now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
