@@ -88,8 +88,7 @@ class ScoreStage:
     """``map_batches`` class: (query, document) rows -> ``score``, ``window_start``, ``window_end``,
     ``error``. Loads the reranker once, on the device Ray gave the actor, in the model's dtype
     (``"auto"``: the fastest there, as the embedding job), with ``threads`` torch threads on a CPU.
-    It scores one block at a time: calls on two threads would share the fast tokenizer, whose
-    truncation setting each call changes."""
+    Its tokenizer is a ``SharedTokenizer`` (each thread tokenizes with its own copy)."""
 
     def __init__(self, model: ModelConfig, query_column: str, document_column: str, truncate: bool,
                  aggregate: str, activate: bool, max_windows: int, threads: int | None = None) -> None:

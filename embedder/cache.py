@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from embedder.shared_tokenizer import SharedTokenizer
 from embedder.weights import load_weights_file, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class CacheInfo:
 
 _lock = threading.RLock()
 _models: dict[ModelSpec, tuple[str | None, PreTrainedModel]] = {}  # spec -> (files' fingerprint, model)
-_tokenizers: dict[tuple, PreTrainedTokenizerBase] = {}
+_tokenizers: dict[tuple, SharedTokenizer] = {}
 _info = CacheInfo()
 
 
@@ -235,13 +235,16 @@ def put_model(spec: ModelSpec, model: PreTrainedModel) -> None:
         _models[spec] = (fingerprint, model)
 
 
-def get_tokenizer(model_name: str | Path, **tokenizer_kwargs: Any) -> PreTrainedTokenizerBase:
-    """Return the tokenizer for a model, loading it once per process."""
+def get_tokenizer(model_name: str | Path, **tokenizer_kwargs: Any) -> SharedTokenizer:
+    """Return the tokenizer for a model, loading it once per process.
+
+    The tokenizer is shared by every caller, so it comes as a ``SharedTokenizer``: each thread
+    tokenizes with its own copy, and nothing a call sets changes another's answer."""
     key = (str(model_name), _freeze(tokenizer_kwargs))
     with _lock:
         tokenizer = _tokenizers.get(key)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_name), **tokenizer_kwargs)
+            tokenizer = SharedTokenizer(AutoTokenizer.from_pretrained(str(model_name), **tokenizer_kwargs))
             _tokenizers[key] = tokenizer
             _info.tokenizer_loads += 1
         else:

@@ -50,7 +50,7 @@ from embedder.llm_reranker import (LLM_TASK, ChatTemplatePairs, LogitScoreHead, 
                                    read_logit_score)
 from embedder.pair_windows import (Aggregate, InputTooLongError, aggregate_windows, check_aggregate, check_overlap,
                                    default_overlap, window_budget, window_spans)
-from embedder.sentence_folder import UnsupportedModelError, read_json, resolve_prompt
+from embedder.sentence_folder import UnsupportedModelError, module_kwargs, read_json, resolve_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ _TRANSFORMER_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_conf
                              "sentence_distilbert_config.json", "sentence_camembert_config.json",
                              "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
                              "sentence_xlnet_config.json")
-#: Loading arguments sentence-transformers adds or strips itself (the hub's, not the model's).
-_HUB_KWARGS = frozenset({"trust_remote_code", "token", "revision", "local_files_only", "cache_dir", "subfolder"})
 #: Model loading arguments a folder may set: passed on, or (the dtype: the caller's choice) left out.
 _PASSED_MODEL_KWARGS = frozenset({"attn_implementation"})
 _IGNORED_MODEL_KWARGS = frozenset({"dtype", "torch_dtype"})
@@ -184,11 +182,6 @@ def _folder_activation(model_name: str, settings: dict, config_json: dict, num_l
     return (SIGMOID, _DEFAULT_FOR_ONE) if num_labels == 1 else (IDENTITY, _DEFAULT_FOR_MANY)
 
 
-def _module_kwargs(transformer: dict, new: str, old: str) -> dict[str, Any]:
-    kwargs = transformer.get(new, transformer.get(old)) or {}
-    return {key: value for key, value in kwargs.items() if key not in _HUB_KWARGS}
-
-
 @dataclass(frozen=True)
 class _TransformerModule:
     """The Transformer module of a saved CrossEncoder, and what follows it."""
@@ -273,9 +266,9 @@ def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
         module = _read_transformer(model_name, modules)
         transformer = module.config
         transformer_path = str(Path(model_name) / module.path) if module.path else model_name
-    config_kwargs = _module_kwargs(transformer, "config_kwargs", "config_args")
-    model_kwargs = _module_kwargs(transformer, "model_kwargs", "model_args")
-    processor_kwargs = _module_kwargs(transformer, "processor_kwargs", "tokenizer_args")
+    config_kwargs = module_kwargs(transformer, "config_kwargs", "config_args")
+    model_kwargs = module_kwargs(transformer, "model_kwargs", "model_args")
+    processor_kwargs = module_kwargs(transformer, "processor_kwargs", "tokenizer_args")
     unsupported = set(model_kwargs) - _PASSED_MODEL_KWARGS - _IGNORED_MODEL_KWARGS
     if unsupported:
         raise UnsupportedModelError(f"{model_name}: model_kwargs {sorted(unsupported)} of the Transformer module "

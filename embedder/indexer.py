@@ -8,19 +8,19 @@ padded torch layout for use inside a model.
 
 from __future__ import annotations
 
-import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from embedder.cache import get_tokenizer
 from embedder.chunking import DEFAULT_CHUNK_SIZE, TooManyChunksError, check_chunking, plan_chunks, spans_to_pieces
 from embedder.folded_batch import FoldedBatch
 from embedder.folding import fold_pieces
+from embedder.shared_tokenizer import PROMPT_CACHE_SIZE
 from embedder.special_tokens import SpecialTokens
 
 TruncationDirection = Literal["right", "left"]
@@ -60,8 +60,8 @@ class PretrainedTransformerIndexer:
             raise ValueError(f"max_length {max_length} leaves no room beside "
                              f"{self.special.num_added} special tokens")
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._prompt_lengths: dict[str, int] = {}
-        self._cutting_tokenizers = {self.tokenizer.truncation_side: self.tokenizer}
+        #: wordpieces per prompt: a request may bring any prompt, so the cache is bounded
+        self._prompt_lengths = functools.lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._count_prompt)
 
     def __call__(
         self,
@@ -190,25 +190,16 @@ class PretrainedTransformerIndexer:
     def prompt_length(self, prompt: str) -> int:
         """Leading wordpieces a prompt takes in a sequence, counted as sentence-transformers counts
         them: the prompt tokenized alone with its specials, less a trailing special token."""
-        if prompt not in self._prompt_lengths:
-            ids = self.tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"]
-            special = set(self.tokenizer.all_special_ids)
-            self._prompt_lengths[prompt] = len(ids) - int(bool(ids) and ids[-1] in special)
-        return self._prompt_lengths[prompt]
+        return self._prompt_lengths(prompt)
+
+    def _count_prompt(self, prompt: str) -> int:
+        ids = self.tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"]
+        return len(ids) - int(bool(ids) and ids[-1] in set(self.tokenizer.all_special_ids))
 
     def _from_texts(self, texts: list[str]) -> list[_Sequence]:
         encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False,
                                  return_token_type_ids=False)["input_ids"]
         return [_Sequence(pieces=ids) for ids in encoded]
-
-    def _cutting_tokenizer(self, side: str) -> PreTrainedTokenizerBase:
-        """The tokenizer, or a copy of it that truncates on ``side`` (never flip the shared one's
-        ``truncation_side``: another thread may be tokenizing with it)."""
-        if side not in self._cutting_tokenizers:
-            tokenizer = copy.deepcopy(self.tokenizer)
-            tokenizer.truncation_side = side
-            self._cutting_tokenizers[side] = tokenizer
-        return self._cutting_tokenizers[side]
 
     def _from_pairs(self, pairs: Sequence[tuple[str, str]], prompt: str | None,
                     truncation_side: str | None) -> list[_Sequence]:
@@ -222,7 +213,7 @@ class PretrainedTransformerIndexer:
         seconds = _check_strings([p[1] for p in pairs], "pairs")
         tokenizer, cut = self.tokenizer, {}
         if truncation_side is not None and self.max_length is not None:
-            tokenizer = self._cutting_tokenizer(truncation_side)
+            tokenizer = self.tokenizer.with_truncation_side(truncation_side)
             cut = {"truncation": "longest_first", "max_length": self.max_length}
         encoded = tokenizer(firsts, seconds, add_special_tokens=True, return_attention_mask=False, verbose=False,
                             return_token_type_ids=True, **cut)

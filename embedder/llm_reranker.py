@@ -21,6 +21,7 @@ goes through the tokenizer's pair template, as for any cross-encoder.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 
 from embedder.pair_windows import window_budget
 from embedder.sentence_folder import UnsupportedModelError, read_json
+from embedder.shared_tokenizer import PROMPT_CACHE_SIZE
 
 #: The Transformer task of an LLM reranker, and the output its LogitScore module reads.
 LLM_TASK = "text-generation"
@@ -168,7 +170,8 @@ class ChatTemplatePairs:
 
     def __init__(self, tokenizer: Any, message_format: str, model_name: str, prompts: Sequence[str] = ()) -> None:
         self.tokenizer, self.message_format, self.model_name = tokenizer, message_format, model_name
-        self._templates: dict[str, _Template] = {}
+        #: the template's parts per prompt: a request may bring any prompt, so the cache is bounded
+        self._templates = functools.lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._make_template)
         for prompt in ("", *prompts):
             try:
                 self.template(prompt)
@@ -193,9 +196,9 @@ class ChatTemplatePairs:
 
     def template(self, prompt: str | None) -> _Template:
         """The template's parts for ``prompt`` (cached); ``ValueError`` when they cannot reproduce its render."""
-        prompt = prompt or ""
-        if prompt in self._templates:
-            return self._templates[prompt]
+        return self._templates(prompt or "")
+
+    def _make_template(self, prompt: str) -> _Template:
         where = f"{self.model_name}: the chat template" + (f" with the prompt {prompt!r}" if prompt else "")
         try:
             renders = [self.render(q, d, prompt) for q, d in _PAIR_ROLE_PROBES]
@@ -217,9 +220,7 @@ class ChatTemplatePairs:
             if self.render(query, document, prompt) != parts.text(query, document)[0]:
                 raise ValueError(f"{where} changes the query or the document it renders (it must place them "
                                  "verbatim), so its tokens cannot be reproduced")
-        template = _Template(parts.pieces, parts.order, tuple(self._suffix(prompt)))
-        self._templates[prompt] = template
-        return template
+        return _Template(parts.pieces, parts.order, tuple(self._suffix(prompt)))
 
     def _suffix(self, prompt: str) -> list[int]:
         """The template's tail that sentence-transformers writes back over a truncated render: the

@@ -49,6 +49,23 @@ _IGNORED_TRANSFORMER_KEYS = {"max_seq_length", "do_lower_case", "model_args", "m
                              "module_output_name", "transformer_task", "processing_kwargs", "unpad_inputs",
                              "query_length", "document_length", "query_expansion", "backend",
                              "tokenizer_name_or_path", "cache_dir"}
+#: Loading arguments that belong to the hub or to the operator, never to a folder: a folder that sets
+#: ``trust_remote_code`` would run its own Python files on whoever loads it (sentence-transformers strips
+#: these from folder configs too). Only the operator's own config passes them.
+HUB_KWARGS = frozenset({"trust_remote_code", "token", "use_auth_token", "revision", "code_revision",
+                        "local_files_only", "cache_dir", "subfolder", "force_download", "proxies"})
+
+
+def module_kwargs(transformer: dict[str, Any], new: str, old: str) -> dict[str, Any]:
+    """A Transformer module's loading arguments (its ``new`` key, else the older ``old`` one), less
+    ``HUB_KWARGS``: the one rule by which every folder reader takes arguments from a folder."""
+    kwargs = transformer.get(new, transformer.get(old)) or {}
+    if not isinstance(kwargs, dict):
+        raise UnsupportedModelError(f"{new} must be an object of loading arguments, not {type(kwargs).__name__}")
+    dropped = sorted(set(kwargs) & HUB_KWARGS)
+    if dropped:
+        logger.warning("ignoring %s in a model folder's %s: only the operator's config may set them", dropped, new)
+    return {key: value for key, value in kwargs.items() if key not in HUB_KWARGS}
 
 
 class UnsupportedModelError(ValueError):
@@ -236,8 +253,8 @@ def read_sentence_folder(model_name: str | Path) -> SentenceFolder:
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         do_lower_case=bool(transformer.get("do_lower_case", False)),
-        tokenizer_kwargs=dict(transformer.get("processor_kwargs", transformer.get("tokenizer_args")) or {}),
-        config_kwargs=dict(transformer.get("config_kwargs", transformer.get("config_args")) or {}),
+        tokenizer_kwargs=module_kwargs(transformer, "processor_kwargs", "tokenizer_args"),
+        config_kwargs=module_kwargs(transformer, "config_kwargs", "config_args"),
         model_class=_encoder_only_class(model_name, transformer_path),
         is_sentence_transformers=True,
     )

@@ -45,6 +45,7 @@ from embedder.sentence_folder import (
     DEFAULT_PROMPTS,
     UnsupportedModelError,
     _join,
+    module_kwargs,
     read_json,
     read_prompts,
     resolve_prompt,
@@ -255,8 +256,8 @@ def read_sparse_folder(model_name: str | Path) -> SparseFolder:
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         do_lower_case=bool(transformer.get("do_lower_case", False)),
-        tokenizer_kwargs=dict(transformer.get("processor_kwargs", transformer.get("tokenizer_args")) or {}),
-        config_kwargs=dict(transformer.get("config_kwargs", transformer.get("config_args")) or {}),
+        tokenizer_kwargs=module_kwargs(transformer, "processor_kwargs", "tokenizer_args"),
+        config_kwargs=module_kwargs(transformer, "config_kwargs", "config_args"),
         splade_route=splade_route,
         static_routes={route: (model_name if not path else str(Path(model_name) / path))
                        for route, path in static_routes.items()},
