@@ -33,8 +33,10 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.config import ClusterConfig
 from deployments.loading import concurrent_batches, load_encoder, load_indexer
-from deployments.settings import ModelConfig
-from deployments.validation import check_pooling, quantization_ranges, quantized, text_problem
+from deployments.cost import check_cost, text_cost
+from deployments.errors import PayloadTooLargeError
+from deployments.settings import LimitsSettings, ModelConfig
+from deployments.validation import check_pooling, check_wordpieces, quantization_ranges, quantized, text_problem
 from deployments.weight_store import STORE_NAME, STORE_NAMESPACE
 from embedder.chunking import CHUNK_CONTEXTS, DEFAULT_CHUNK_SIZE, ChunkContext, check_chunking
 from embedder.folded_batch import FoldedBatch
@@ -135,10 +137,17 @@ def check_input_columns(columns: Iterable[str], output_column: str = EMBEDDING_C
     refuse_written_columns(columns, written_columns(output_column, chunks), "embedding")
 
 
-def row_problem(value: Any) -> str | None:
-    """Why a row's text cannot be embedded (the serving path's rule), or ``None``."""
+def row_problem(value: Any, prompt: str | None = None, limits: LimitsSettings | None = None) -> str | None:
+    """Why a row's text cannot be embedded (the serving path's rules: a text, within the one cost model's
+    limits for a request of one input with ``prompt`` joined to it), or ``None``."""
     problem = text_problem(value)
-    return None if problem is None else f"text {problem}"
+    if problem is not None:
+        return f"text {problem}"
+    try:
+        check_cost(text_cost([len(value)], joined=len(prompt or "")), limits or LimitsSettings())
+    except PayloadTooLargeError as error:
+        return error.message
+    return None
 
 
 def pop_input_errors(table: pa.Table) -> tuple[pa.Table, list[str | None]]:
@@ -154,8 +163,10 @@ class TokenizeStage:
     its chunks too; with ``context="chunk"``, one row per chunk, folded alone)."""
 
     def __init__(self, model: ModelConfig, text_column: str, truncate: bool, prompt: str | None,
-                 chunking: Chunking | None = None, output_column: str = EMBEDDING_COLUMN) -> None:
+                 chunking: Chunking | None = None, output_column: str = EMBEDDING_COLUMN,
+                 limits: LimitsSettings | None = None) -> None:
         self._indexer = load_indexer(model)
+        self._limits = limits or LimitsSettings()
         self._text_column = text_column
         self._output_column = output_column
         self._truncate = truncate
@@ -168,7 +179,7 @@ class TokenizeStage:
         check_input_columns(table.column_names, self._output_column, self._chunking)
         table, earlier = pop_input_errors(table)
         texts = table.column(self._text_column).to_pylist()
-        problems = [before or row_problem(t) for before, t in zip(earlier, texts)]
+        problems = [before or row_problem(t, self._prompt, self._limits) for before, t in zip(earlier, texts)]
         if self._chunking is not None and self._chunking.context == "chunk":
             table, texts, problems = self._split_into_chunks(table, texts, problems)
         valid = [i for i, problem in enumerate(problems) if problem is None]
@@ -185,6 +196,11 @@ class TokenizeStage:
             segment_starts = np.concatenate(([0], np.cumsum(batch.segments_per_input)))
             chunk_starts = np.concatenate(([0], np.cumsum(batch.chunks_per_input))) if late else None
             for position, row in enumerate(valid):
+                try:
+                    check_wordpieces(int(batch.num_wordpieces[position]), self._limits.max_wordpieces_per_request)
+                except PayloadTooLargeError as error:
+                    problems[row] = error.message
+                    continue
                 first, last = segment_starts[position], segment_starts[position + 1]
                 token_rows[row] = batch.token_ids[token_starts[first]:token_starts[last]]
                 length_rows[row] = batch.segment_lengths[first:last]
@@ -411,6 +427,7 @@ def embed_dataset(
     encode_actors: int | None = None,
     tokenize_cpus: float = 0.5,
     encode_threads: int | None = None,
+    limits: LimitsSettings | None = None,
 ) -> Dataset:
     """Add ``output_column`` (fixed-size float32 lists), ``num_tokens`` and ``error`` to ``ds``.
 
@@ -433,7 +450,9 @@ def embed_dataset(
     consumed to its end or its consumer stops. Pass your own ``weights_user`` and call
     ``deployments.weight_store.release_weights(weights_user)`` when done: it frees what actors
     killed on the way still hold, and removes the store once nobody holds anything.
-    Pool sizes and CPU encoders' torch threads default from the resources free now.
+    Pool sizes and CPU encoders' torch threads default from the resources free now. Each row is a
+    request of one text to the serving path's ``limits`` (default ``LimitsSettings()``): a row past
+    one gets its ``error`` and no vector, and the others keep flowing.
     """
     if level not in ("pooled", "wordpiece"):
         raise ValueError(f"level must be 'pooled' or 'wordpiece', not {level!r}")
@@ -466,7 +485,7 @@ def embed_dataset(
     tokenized = ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={"model": model, "text_column": text_column, "truncate": truncate, "prompt": prompt,
-                               "chunking": chunks, "output_column": output_column},
+                               "chunking": chunks, "output_column": output_column, "limits": limits},
         batch_format="pyarrow",
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=tokenize_actors or default_tokenizers),

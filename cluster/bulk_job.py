@@ -11,6 +11,7 @@ that are missing or not unique (resume could not tell those rows apart).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -38,12 +39,14 @@ from cluster.bulk import (
     embed_dataset,
 )
 from cluster.sources import IO_TASK_CPUS, InputProfile, expand_inputs, profile_input, read_inputs
-from deployments.settings import ModelConfig
+from deployments.settings import LimitsSettings, ModelConfig
 from deployments.weight_store import release_weights
 
 logger = logging.getLogger(__name__)
 
-PART_GLOB = "part-*.parquet"
+#: The file a job keeps in its output folder: the parts it wrote, in order. ``--resume`` reads and
+#: removes only those; a folder with anything in it and without this file is not the job's own.
+MANIFEST = ".embedding-cluster-parts.json"
 
 
 @dataclass
@@ -83,22 +86,54 @@ def _document_starts(table: pa.Table) -> np.ndarray:
     return np.flatnonzero(table.column(CHUNK_INDEX).to_numpy(zero_copy_only=False) == 0)
 
 
+def _read_manifest(output: Path) -> list[str] | None:
+    """The parts the job wrote into ``output`` (``None``: the folder holds no manifest)."""
+    path = output / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_manifest(output: Path, parts: list[str]) -> None:
+    temporary = output / f"{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(parts))
+    temporary.replace(output / MANIFEST)
+
+
+def _claim_output(output: Path, resume: bool) -> None:
+    """Make ``output`` the job's: a new or empty folder gets an empty manifest; a folder the job wrote
+    is refused without ``resume`` (its results would be mixed); any other non-empty folder is refused
+    (it is someone else's: nothing in it is read or removed)."""
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(output)
+    if manifest is None:
+        if any(output.iterdir()):
+            raise FileExistsError(f"{output} is not empty and no embedding-cluster job wrote it (it has no "
+                                  f"{MANIFEST}); choose an empty folder")
+        _write_manifest(output, [])
+    elif manifest and not resume:
+        raise FileExistsError(f"{output} already holds results; pass --resume to finish that run, "
+                              "or choose an empty folder")
+
+
 def _collect_finished_parts(output: Path, id_column: str, summary: BulkSummary) -> pa.Array:
-    """Ids held by the complete parts in ``output``; unreadable parts and temporary files are removed."""
-    for leftover in output.glob(".part-*.tmp"):
+    """Ids held by the complete parts the manifest lists; unreadable parts of its and the job's own
+    temporary files are removed (nothing else in the folder is touched)."""
+    for leftover in output.glob(".part-*.parquet.tmp"):
         leftover.unlink()
-    ids = []
-    for part in sorted(output.glob(PART_GLOB)):
+    ids, kept = [], []
+    for name in _read_manifest(output) or []:
+        part = output / name
         try:
             names = pq.read_schema(part).names
             table = pq.read_table(part, columns=[id_column, ERROR_COLUMN,
                                                  *(c for c in (TOKENS_COLUMN, CHUNK_INDEX) if c in names)])
         except Exception as error:  # a part cut short by a crash: redo its rows
             logger.warning("removing unreadable part %s (%s)", part.name, type(error).__name__)
-            part.unlink()
+            part.unlink(missing_ok=True)
             continue
         summary.add(table)
+        kept.append(name)
         ids.append(table.column(id_column).combine_chunks())
+    _write_manifest(output, kept)
     summary.rows_resumed = summary.rows_out
     return pa.concat_arrays(ids) if ids else pa.array([])
 
@@ -150,6 +185,7 @@ def _write_part(output: Path, run_id: str, number: int, table: pa.Table, summary
     temporary = output / f".{final.name}.tmp"
     pq.write_table(table, temporary)
     temporary.replace(final)
+    _write_manifest(output, [*(_read_manifest(output) or []), final.name])
     summary.add(table)
 
 
@@ -175,11 +211,8 @@ def run_job(
     column is ``id``) null or repeated ids are refused too. ``description`` labels the progress bar."""
     started = time.monotonic()
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    _claim_output(output, resume)
     summary = BulkSummary()
-    if any(output.glob(PART_GLOB)) and not resume:
-        raise FileExistsError(f"{output} already holds results; pass --resume to finish that run, "
-                              "or choose an empty folder")
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds: Dataset = read_inputs(expand_inputs(source), text_columns)
     if resume:
@@ -234,8 +267,10 @@ def run_bulk_job(
     batch_size: int = 256,
     encode_actors: int | None = None,
     show_progress: bool = True,
+    limits: LimitsSettings | None = None,
 ) -> BulkSummary:
-    """Embed every row of ``source`` into parquet parts under ``output`` (``run_job``).
+    """Embed every row of ``source`` into parquet parts under ``output`` (``run_job``); each row within
+    the serving path's ``limits`` (``embed_dataset``).
     ``prompt_name`` / ``prompt`` choose the prompt as on ``/embed``; with ``chunks`` each document
     gives one row per chunk, and a part always holds whole documents (so ``resume`` works per id);
     ``precision`` quantizes the vectors as ``embed_dataset`` does. Raises ``ValueError`` before any embedding for an input column the job writes itself, and with
@@ -247,7 +282,8 @@ def run_bulk_job(
     def embed(ds: Dataset) -> Dataset:
         return embed_dataset(ds, model, text_column=text_column, level=level, truncate=truncate,
                              prompt_name=prompt_name, prompt=prompt, chunks=chunks, precision=precision,
-                             weights_user=weights_user, batch_size=batch_size, encode_actors=encode_actors)
+                             weights_user=weights_user, batch_size=batch_size, encode_actors=encode_actors,
+                             limits=limits)
 
     try:
         return run_job(source, output, embed, text_columns=text_column,

@@ -89,13 +89,21 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"embedding-cluster serve: {error}", file=sys.stderr)
         return 2
+    if not joined:  # Serve's gRPC servers take messages up to 2 GiB unless told otherwise
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.limits.max_body_bytes))
     try:
         join_ray(args.address or "local", namespace="embedding-cluster", log_to_driver=args.verbose)
     except ClusterAuthError as error:
         print(f"embedding-cluster serve: {error}", file=sys.stderr)
         return 2
     if not joined:
-        config = config.with_local_threads(int(ray.cluster_resources().get("CPU", 1)))
+        cpus = ray.cluster_resources().get("CPU", 1)
+        try:
+            config = config.fit_local_cpus(cpus).with_local_threads(int(cpus))
+        except ValueError as error:
+            ray.shutdown()
+            print(f"embedding-cluster serve: {error}", file=sys.stderr)
+            return 2
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -185,7 +193,7 @@ def embed_command(args: argparse.Namespace) -> int:
         return lambda: run_bulk_job(args.input, args.output, model, text_column=args.text_column, level=args.level,
                                     truncate=args.truncate, prompt_name=args.prompt_name, prompt=args.prompt,
                                     chunks=chunks, precision=args.precision, encode_actors=args.encode_actors,
-                                    **_bulk_options(args))
+                                    limits=load_config(args.config).limits, **_bulk_options(args))
 
     return _bulk_command(args, prepare)
 

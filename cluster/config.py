@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,12 +16,15 @@ from deployments.settings import (
     IngressSettings,
     LimitsSettings,
     ModelConfig,
+    ReplicaSettings,
     ServingSettings,
     TokenizerSettings,
 )
 
 if TYPE_CHECKING:
     from ray.serve.config import gRPCOptions
+
+logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "EMBEDDING_CLUSTER_API_KEY"
 
@@ -109,6 +114,34 @@ class ClusterConfig(BaseModel):
             if model.name == name:
                 return model
         raise KeyError(f"no model named {name!r} in the config; it has {[m.name for m in self.models]}")
+
+    def fit_local_cpus(self, cpus: float) -> "ClusterConfig":
+        """The config for a cluster that is this one machine of ``cpus`` CPUs, where every deployment's
+        first replicas (``autoscaling.min_replicas``) must be placed, or a model is never ready. When
+        they ask for more than there is, the CPU models that leave ``num_cpus`` unset share what the
+        tokenizer, the ingress and the other models leave, equally; ``ValueError`` naming the CPUs
+        asked and available, and the settings to change, when even that cannot fit."""
+        def starting(settings: ReplicaSettings) -> float:
+            return settings.num_cpus * settings.autoscaling.min_replicas
+
+        shared = [m for m in self.models if "num_cpus" not in m.model_fields_set and m.num_gpus == 0]
+        fixed = starting(self.tokenizer) + starting(self.ingress) + sum(
+            starting(m) for m in self.models if m not in shared)
+        asked = fixed + sum(starting(m) for m in shared)
+        if asked <= cpus + 1e-9:
+            return self
+        replicas = sum(m.autoscaling.min_replicas for m in shared)
+        share = math.floor(100 * (cpus - fixed) / replicas) / 100 if replicas else 0.0
+        if share >= 0.01:
+            logger.info("%d model(s) share %.2f CPUs: num_cpus %.2f per replica (set num_cpus to choose)",
+                        len(shared), cpus - fixed, share)
+            models = [m.model_copy(update={"num_cpus": share}) if m in shared else m for m in self.models]
+            return self.model_copy(update={"models": models})
+        parts = [f"tokenizer {starting(self.tokenizer):g}", f"ingress {starting(self.ingress):g}",
+                 *(f"model {m.name!r} {starting(m):g}" for m in self.models)]
+        raise ValueError(f"the deployments ask for {asked:g} CPUs to start ({', '.join(parts)}) and this machine has "
+                         f"{cpus:g}: lower num_cpus (or autoscaling.min_replicas) of the models, tokenizer or "
+                         "ingress in the config, or serve fewer models")
 
     def with_local_threads(self, cpus: int) -> "ClusterConfig":
         """The config for a cluster that is this one machine: CPU models that do not set

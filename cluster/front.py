@@ -10,8 +10,9 @@ when it is there and Serve's Python proxy otherwise (detect, never require).
 HAProxy as Ray writes its config also opens a stats page and a Prometheus listener on every
 interface (ports 8404 and 9101 unless told: here free ports are taken), whatever the HTTP host. Ray runs the binary
 ``RAY_SERVE_HAPROXY_BINARY_PATH`` names, so this module runs it through a wrapper that binds those
-two listeners to 127.0.0.1 before HAProxy reads its config: the front opens only the HTTP
-host's port to the network.
+two listeners to 127.0.0.1 before HAProxy reads its config, and makes its admin socket owner-only:
+the front opens only the HTTP (and gRPC) host's ports to the network, where the user asked
+(``http.host: 0.0.0.0`` binds the frontends on every interface).
 
 These are environment variables of the Ray processes, read when Ray starts them: they apply to a
 cluster this process starts (``serve`` without ``--address``). A cluster started by ``ray start``
@@ -40,18 +41,26 @@ HAPROXY_SETTINGS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS
 #: replicas): fixed ports by default, so two clusters on one machine would collide; free ones are taken.
 SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
               "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
-#: Rebinds the stats and Prometheus listeners (``bind *:PORT``, ``bind :PORT``) of the config that
-#: follows ``-f`` to 127.0.0.1, then runs HAProxy with the same arguments.
+#: Rebinds the stats and Prometheus listeners (``bind *:PORT``, ``bind :PORT`` on their own ports) of the
+#: config that follows ``-f`` to 127.0.0.1, leaving the HTTP and gRPC frontends where the user asked
+#: (``*`` for ``0.0.0.0``), makes the admin socket owner-only (Ray writes it ``mode 666 level admin``:
+#: any local user could repoint backends), then runs HAProxy with the same arguments, tied to its parent's
+#: life (``setpriv --pdeathsig``: HAProxy is told to stop when the Ray process that started it dies).
 _WRAPPER = """#!/bin/sh
-# embedding-cluster: HAProxy with its stats and Prometheus listeners on 127.0.0.1 only
+# embedding-cluster: HAProxy with its stats and Prometheus listeners on 127.0.0.1 only, its admin socket 600
 previous=
 for argument in "$@"; do
   if [ "$previous" = "-f" ] && [ -f "$argument" ]; then
-    sed -i -e 's/^\\([[:space:]]*bind[[:space:]]\\{1,\\}\\)\\*:/\\1127.0.0.1:/' \\
-           -e 's/^\\([[:space:]]*bind[[:space:]]\\{1,\\}\\):/\\1127.0.0.1:/' "$argument"
+    sed -i -e 's/^\\([[:space:]]*bind[[:space:]]\\{1,\\}\\)\\*\\{0,1\\}:\\({stats_port}\\|{metrics_port}\\)\\([[:space:]]\\|$\\)/\\1127.0.0.1:\\2\\3/' \\
+           -e 's/^\\([[:space:]]*stats socket .* mode \\)666/\\1600/' "$argument"
   fi
   previous=$argument
 done
+# HAProxy dies with the Ray process that started it (SIGTERM when its parent goes, even killed hard):
+# a cluster that died must not leave its HTTP port answering 500s
+if command -v setpriv >/dev/null 2>&1; then
+  exec setpriv --pdeathsig TERM {binary} "$@"
+fi
 exec {binary} "$@"
 """
 
@@ -68,10 +77,12 @@ def haproxy_binary() -> str | None:
         return which("haproxy")
 
 
-def loopback_wrapper(binary: str, folder: Path) -> Path:
-    """An executable in ``folder`` that runs ``binary`` with the stats and Prometheus listeners on 127.0.0.1."""
+def loopback_wrapper(binary: str, folder: Path, stats_port: int, metrics_port: int) -> Path:
+    """An executable in ``folder`` that runs ``binary`` with the stats (``stats_port``) and Prometheus
+    (``metrics_port``) listeners on 127.0.0.1 and the admin socket owner-only."""
     path = folder / "haproxy"
-    path.write_text(_WRAPPER.replace("{binary}", shlex.quote(binary)))
+    path.write_text(_WRAPPER.replace("{binary}", shlex.quote(binary)).replace("{stats_port}", str(int(stats_port)))
+                    .replace("{metrics_port}", str(int(metrics_port))))
     path.chmod(0o755)
     return path
 
@@ -90,11 +101,12 @@ def front_environment(front: Front) -> dict[str, str]:
                              "package), or put haproxy on PATH; or use front 'proxy'")
         logger.info("no HAProxy binary: Serve's Python proxy is the HTTP front")
         return {}
-    wrapper = loopback_wrapper(binary, Path(tempfile.mkdtemp(prefix="embedding-cluster-haproxy-")))
+    ports = {name: os.environ.get(name) or str(free_port()) for name in SIDE_PORTS}
+    wrapper = loopback_wrapper(binary, Path(tempfile.mkdtemp(prefix="embedding-cluster-haproxy-")),
+                               int(ports["RAY_SERVE_HAPROXY_STATS_PORT"]), int(ports["RAY_SERVE_HAPROXY_METRICS_PORT"]))
     cores = os.cpu_count() or 1
     settings = {**HAPROXY_SETTINGS, "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
-                "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 2)))}
-    settings |= {name: str(free_port()) for name in SIDE_PORTS if name not in os.environ}
+                "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 2))), **ports}
     return {name: value for name, value in settings.items() if name not in os.environ}
 
 

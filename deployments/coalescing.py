@@ -31,6 +31,7 @@ SendMerged = Callable[[list[Any]], Awaitable[list[Any]]]
 class _Lane:
     """One model and options: its calls in flight and the requests waiting for a slot."""
 
+    key: Hashable
     send: SendMerged
     in_flight: int = 0
     waiting: list[tuple[Any, asyncio.Future]] = field(default_factory=list)
@@ -60,7 +61,7 @@ class CallCoalescer:
         ``send`` makes the lane's calls (the first request's ``send`` for a new lane)."""
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(send)
+            lane = self._lanes[key] = _Lane(key, send)
         future = asyncio.get_running_loop().create_future()
         lane.waiting.append((item, future))
         if lane.in_flight < self._max_in_flight:
@@ -74,6 +75,8 @@ class CallCoalescer:
         if not entries:
             if lane.waiting:
                 self._launch(lane)
+            elif not lane.in_flight:
+                self._retire(lane)
             return
         lane.in_flight += 1
         self.requests += len(entries)
@@ -103,3 +106,15 @@ class CallCoalescer:
             lane.in_flight -= 1
             if lane.waiting:
                 self._launch(lane)
+            elif not lane.in_flight:
+                self._retire(lane)
+
+    def _retire(self, lane: _Lane) -> None:
+        """Forget an idle lane: requests may bring options without end, lanes must not pile up."""
+        if self._lanes.get(lane.key) is lane:
+            del self._lanes[lane.key]
+
+    @property
+    def lanes(self) -> int:
+        """Lanes with requests in flight or waiting."""
+        return len(self._lanes)

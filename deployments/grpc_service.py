@@ -21,7 +21,13 @@ import grpc
 from google.protobuf.message import Message
 from ray.serve.grpc_util import RayServegRPCContext
 
-from deployments.errors import BadRequestError, EmbeddingRequestError, OverloadedError, UnauthorizedError
+from deployments.errors import (
+    BadRequestError,
+    EmbeddingRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
 from deployments.guard import has_api_key
 from deployments.pipeline import collect_timings, stop_timings
 from deployments.protos import tei_pb2
@@ -82,22 +88,23 @@ class TEIServices(ScoringPipeline):
 
     async def Info(self, request: Message, grpc_context: RayServegRPCContext) -> Message:
         """TEI's ``Info``: the model's id, dtype, type and the limits a request meets."""
-        return await self._grpc_answer(grpc_context, tei_pb2.InfoResponse, self._info)
+        return await self._grpc_answer(request, grpc_context, tei_pb2.InfoResponse, self._info)
 
     async def Embed(self, request: Message, grpc_context: RayServegRPCContext) -> Message:
         """TEI's ``Embed``: one text's pooled vector, as ``POST /embed`` gives it (``normalize`` unset:
         the model's own, as on ``/embed``; TEI would normalize)."""
-        return await self._grpc_answer(grpc_context, tei_pb2.EmbedResponse,
+        return await self._grpc_answer(request, grpc_context, tei_pb2.EmbedResponse,
                                        lambda model: self._embed(request, model))
 
     async def Rerank(self, request: Message, grpc_context: RayServegRPCContext) -> Message:
         """TEI's ``Rerank``: every text scored against the query, best first, as ``POST /rerank``."""
-        return await self._grpc_answer(grpc_context, tei_pb2.RerankResponse,
+        return await self._grpc_answer(request, grpc_context, tei_pb2.RerankResponse,
                                        lambda model: self._rerank(request, model))
 
-    async def _grpc_answer(self, context: RayServegRPCContext, empty: Callable[[], Message],
+    async def _grpc_answer(self, request: Message, context: RayServegRPCContext, empty: Callable[[], Message],
                            answer: Callable[[str | None], Awaitable[Message]]) -> Message:
-        """``answer(model)``, within the API key and in-flight checks, its ``metadata`` timed; a client's
+        """``answer(model)``, within the API key, in-flight and message-size (``max_body_bytes``, as
+        HTTP's body) checks, its ``metadata`` timed; a client's
         error as its status code and message (and an ``empty()`` message), a server fault logged with
         its traceback and answered INTERNAL without it."""
         started = time.perf_counter()
@@ -105,6 +112,9 @@ class TEIServices(ScoringPipeline):
         timings, token = collect_timings()
         try:
             self._check_grpc_access(invocation)
+            if (size := request.ByteSize()) > self._limits.max_body_bytes:
+                raise PayloadTooLargeError(f"the message has {size} bytes, over the limit "
+                                           f"max_body_bytes={self._limits.max_body_bytes}")
             self._grpc_in_flight += 1
             try:
                 response = await answer(invocation.get(MODEL_KEY))

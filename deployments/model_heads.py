@@ -188,7 +188,7 @@ class PairScoreHead:
             else:
                 plan = self.scorer.plan(request.pairs, truncate=request.truncate, aggregate=request.aggregate,
                                         window_overlap=request.window_overlap, prompt=request.prompt,
-                                        max_windows=request.max_windows)
+                                        max_windows=request.max_windows, windows=request.windows)
         except TooManyChunksError:
             raise PayloadTooLargeError(
                 f"the documents are read in more than {request.max_windows} windows, over the limit "
@@ -198,10 +198,6 @@ class PairScoreHead:
             raise PayloadTooLargeError(f"model {self._config.name!r}: {error}") from None
         except (TypeError, ValueError) as error:
             raise BadRequestError(f"model {self._config.name!r}: {error}") from None
-        if not request.windows and plan.num_segments > plan.num_pairs:
-            first = int(plan.owners[np.flatnonzero(np.diff(plan.owners) == 0)[0]])
-            raise PayloadTooLargeError(f"model {self._config.name!r}: pair {first} is longer than max_length "
-                                       f"{self.scorer.max_length}; pass truncate: true to cut it")
         if request.max_tokens is not None and plan.num_tokens > request.max_tokens:
             raise PayloadTooLargeError(
                 f"the request scores {plan.num_tokens} tokens (windows and queries included), over the limit "

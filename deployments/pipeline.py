@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from deployments.coalescing import CallCoalescer
+from deployments.cost import RequestCost, check_cost, fold_cost, precision_width, wordpiece_answer_rows
 from deployments.errors import (
     BadRequestError,
     EmbeddingRequestError,
@@ -31,7 +32,7 @@ from deployments.errors import (
 )
 from deployments.metrics import IngressMetrics
 from deployments.protocol import ChunkRequest, EncodeOptions, EncodeResult, FoldRequest
-from deployments.settings import ModelConfig, ServingSettings, deployment_name
+from deployments.settings import LimitsSettings, ModelConfig, ServingSettings, deployment_name
 from deployments.tokenizer import RequestFolder
 from deployments.schema import EmbedChunksRequest, EmbedRequest, EmbedTokensRequest, TokenizeRequest
 from deployments.validation import (
@@ -90,6 +91,18 @@ def quantization_card(config: ModelConfig) -> dict:
     ranges = config.ranges
     return {"precisions": [p for p in PRECISIONS if ranges is not None or p not in RANGED_PRECISIONS],
             "quantization_ranges": None if ranges is None else ranges.card()}
+
+
+def echoed_chunk_chars(texts: list[str], chunking: ChunkRequest, limits: LimitsSettings) -> int:
+    """Characters an ``/embed_chunks`` answer gives back, at most: each span's text, or, for chunks of
+    ``chunk_size`` wordpieces, each character once per chunk it may be in (overlap counted), and never
+    more than the most chunks a request may have, each as long as the longest document."""
+    if chunking.spans is not None:
+        return sum(max(0, min(end, len(text)) - max(start, 0))
+                   for text, spans in zip(texts, chunking.spans) for start, end in spans)
+    step = chunking.chunk_size - chunking.chunk_overlap
+    repeats = -(-chunking.chunk_size // step)
+    return min(sum(map(len, texts)) * repeats, limits.max_chunks_per_request * max(map(len, texts), default=0))
 
 
 class EmbeddingPipeline:
@@ -222,18 +235,28 @@ class EmbeddingPipeline:
             raise BadRequestError(f"model {model!r}: {error}") from None
 
     def _texts_or_words(self, model: str, request: TokenizeRequest | EmbedTokensRequest,
-                        return_wordpieces: bool) -> FoldRequest:
+                        return_wordpieces: bool, max_answer_rows: int | None = None) -> FoldRequest:
         texts, words = request.inputs, request.words
         return FoldRequest(model=model, texts=None if texts is None else check_texts(texts, self._limits),
                            words=None if words is None else check_words(words, self._limits),
                            truncate=request.truncate, truncation_direction=request.truncation_direction,
                            prompt=self._prompt(model, request.prompt_name, request.prompt),
-                           return_wordpieces=return_wordpieces)
+                           return_wordpieces=return_wordpieces, max_answer_rows=max_answer_rows)
 
     async def _model_info(self, name: str) -> dict:
         if name not in self._infos:
             self._infos[name] = await self._run(lambda: self._encoders[name].info.remote())
         return self._infos[name]
+
+    def _check_cost(self, cost: RequestCost) -> RequestCost:
+        """The one place a request's cost meets the limits (413 naming the limit past which it is)."""
+        return check_cost(cost, self._limits)
+
+    async def _pooled_width(self, name: str, modes: tuple[str, ...] | None, dimensions: int | None) -> int:
+        """Dimensions of one pooled vector of the model, with a request's pooling modes and ``dimensions``."""
+        info = await self._model_info(name)
+        width = info["dim"] if modes is None else max(info["dim"], info["wordpiece_dim"] * len(modes))
+        return width if dimensions is None else min(width, dimensions)
 
     async def _renormalizes(self, name: str, normalize: bool | None) -> bool:
         """Whether cut vectors (``dimensions``) are normalized again: the request's say, else the model's."""
@@ -259,13 +282,16 @@ class EmbeddingPipeline:
         name = self._model(model)
         if sum(x is not None for x in (texts, pairs, token_ids)) != 1:
             raise BadRequestError("give exactly one of texts, pairs or token ids")
-        ranges = quantization_ranges(self._configs[name], precision, check_pooling(pooling), normalize, dimensions)
+        modes = check_pooling(pooling)
+        ranges = quantization_ranges(self._configs[name], precision, modes, normalize, dimensions)
         fold = FoldRequest(model=name, truncate=truncate, truncation_direction=truncation_direction,
                            prompt=None if token_ids is not None else self._prompt(name, prompt_name, prompt),
                            texts=None if texts is None else check_texts(texts, self._limits),
                            pairs=None if pairs is None else check_pairs(pairs, self._limits),
                            token_ids=None if token_ids is None else check_token_ids(token_ids, self._limits))
-        options = EncodeOptions(level="pooled", pooling=check_pooling(pooling), normalize=normalize)
+        values, value_bytes = precision_width(await self._pooled_width(name, modes, dimensions), precision)
+        self._check_cost(fold_cost(fold, vectors=len(fold.input_lengths), width=values, value_bytes=value_bytes))
+        options = EncodeOptions(level="pooled", pooling=modes, normalize=normalize)
         result = await self._encode(fold, options, route)
         vectors = result.vectors
         if dimensions is not None:
@@ -276,7 +302,11 @@ class EmbeddingPipeline:
                                     route: str) -> tuple[list[np.ndarray], list[list[str]]]:
         """Per input: ``[tokens, dim]`` vectors and the tokens (wordpieces, or the words)."""
         name = self._model(request.model)
-        fold = self._texts_or_words(name, request, return_wordpieces=request.level == "wordpiece")
+        width = (await self._model_info(name))["wordpiece_dim"]
+        per_wordpiece = request.level == "wordpiece"
+        fold = self._texts_or_words(name, request, return_wordpieces=per_wordpiece,
+                                    max_answer_rows=wordpiece_answer_rows(width, self._limits) if per_wordpiece else None)
+        self._check_cost(fold_cost(fold, vectors=0 if per_wordpiece else sum(map(len, fold.words)), width=width))
         result = await self._encode(fold, EncodeOptions(level=request.level, sub_token_mode=request.sub_token_mode),
                                     route)
         tokens = result.wordpieces if request.level == "wordpiece" else fold.words
@@ -285,7 +315,9 @@ class EmbeddingPipeline:
     async def tokenize_request(self, request: TokenizeRequest) -> list[dict]:
         """The wordpieces, ids and segments of each input, as the encoder would see them."""
         name = self._model(request.model)
-        batch = await self._folded(self._texts_or_words(name, request, return_wordpieces=True))
+        fold = self._texts_or_words(name, request, return_wordpieces=True)
+        self._check_cost(fold_cost(fold, vectors=0))
+        batch = await self._folded(fold)
         ids = np.split(batch.token_ids[unfold_index(batch)], np.cumsum(batch.num_wordpieces)[:-1])
         entries = []
         for index in range(batch.num_inputs):
@@ -310,6 +342,12 @@ class EmbeddingPipeline:
         prompt_text = self._prompt(name, request.prompt_name, request.prompt)
         modes, normalize = check_pooling(request.pooling), request.normalize
         ranges = quantization_ranges(self._configs[name], request.precision, modes, normalize, request.dimensions)
+        values, value_bytes = precision_width(await self._pooled_width(name, modes, request.dimensions),
+                                              request.precision)
+        document = FoldRequest(model=name, texts=texts, prompt=prompt_text, chunks=chunking)
+        most_chunks = sum(map(len, spans)) if spans else self._limits.max_chunks_per_request
+        self._check_cost(fold_cost(document, vectors=most_chunks, width=values, value_bytes=value_bytes,
+                                   echoed_chars=echoed_chunk_chars(texts, chunking, self._limits)))
         if request.context == "document":
             model_modes = check_pooling_modes(self._configs[name].pooling or "mean")
             if (modes or model_modes) != ("mean",):
@@ -317,8 +355,7 @@ class EmbeddingPipeline:
                     f"late chunking averages each chunk's wordpieces, but model {name!r} pools with "
                     f"{'+'.join(modes or model_modes)}; send \"pooling\": \"mean\" to chunk it anyway, or "
                     f"\"context\": \"chunk\" to embed each chunk alone")
-            fold = FoldRequest(model=name, texts=texts, prompt=prompt_text, chunks=chunking)
-            result = await self._encode(fold, EncodeOptions(level="chunk", normalize=normalize), route)
+            result = await self._encode(document, EncodeOptions(level="chunk", normalize=normalize), route)
             tables, vectors = result.chunks, list(result.vectors)
         else:
             plan = (await self._folded(FoldRequest(model=name, texts=texts, chunks=chunking))).chunk_table()

@@ -38,25 +38,34 @@ class FoldRequest:
     return_wordpieces: bool = False
     chunks: ChunkRequest | None = None
 
+    #: a wordpiece-level answer's most rows (``deployments.cost.wordpiece_answer_rows``), checked once tokenized
+    max_answer_rows: int | None = None
+
+    @property
+    def input_lengths(self) -> list[int]:
+        """Each input's characters, without the prompt (a token id counts as one, a word one more than
+        its characters: an empty word is a row of the answer)."""
+        if self.texts is not None:
+            return list(map(len, self.texts))
+        if self.pairs is not None:
+            return [len(a) + len(b) for a, b in self.pairs]
+        if self.token_ids is not None:
+            return list(map(len, self.token_ids))
+        return [sum(len(w) + 1 for w in words) for words in self.words or ()]
+
     @property
     def num_chars(self) -> int:
-        """Characters in all inputs (a token id counts as one)."""
-        if self.texts is not None:
-            return sum(map(len, self.texts))
-        if self.pairs is not None:
-            return sum(len(a) + len(b) for a, b in self.pairs)
-        if self.token_ids is not None:
-            return sum(map(len, self.token_ids))
-        return sum(len(w) for words in self.words or () for w in words)
+        """Characters to tokenize: every input's, and the prompt's once per input it is joined to."""
+        lengths = self.input_lengths
+        return sum(lengths) + len(self.prompt or "") * len(lengths)
 
     @property
     def tokenizing_cost(self) -> int:
-        """What folding this request costs, in characters: each word and each span costs one more,
-        so that a list of empty words or of spans is not taken for a small request (the ingress
-        tokenizes only small requests itself, on its event loop)."""
-        words = sum(map(len, self.words)) if self.words is not None else 0
+        """What folding this request costs, in characters (``num_chars``): each span costs one more,
+        so that a list of spans is not taken for a small request (the ingress tokenizes only small
+        requests itself, on its event loop)."""
         spans = sum(map(len, self.chunks.spans)) if self.chunks is not None and self.chunks.spans else 0
-        return self.num_chars + words + spans
+        return self.num_chars + spans
 
 
 @dataclass(frozen=True)
@@ -119,10 +128,10 @@ class ScoreRequest:
 
     @property
     def num_chars(self) -> int:
-        """Characters in all inputs: what planning the request costs."""
+        """Characters to tokenize: what planning the request costs (the prompt once per input)."""
         if self.pairs is not None:
-            return sum(len(a) + len(b) for a, b in self.pairs)
-        return sum(map(len, self.texts or ()))
+            return sum(len(a) + len(b) + len(self.prompt) for a, b in self.pairs)
+        return sum(len(text) + len(self.prompt) for text in self.texts or ())
 
 
 @dataclass
@@ -164,7 +173,8 @@ class SparseRequest:
 
     @property
     def num_chars(self) -> int:
-        return sum(map(len, self.texts))
+        """Characters to tokenize (the prompt once per text)."""
+        return sum(len(text) + len(self.prompt) for text in self.texts)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments.cost import text_cost
 from deployments.errors import BadRequestError
 from deployments.pipeline import EmbeddingPipeline
 from deployments.protocol import Ranked, ScoreRequest, ScoreResult
@@ -50,13 +51,21 @@ class ScoringPipeline(EmbeddingPipeline):
         texts = body.texts if isinstance(body, RerankRequest) else [
             document.text if isinstance(document, Document) else document for document in body.documents]
         documents = check_texts(texts, self._limits, "texts" if isinstance(body, RerankRequest) else "documents")
+        echoed = sum(map(len, documents)) if getattr(body, "return_text", False) or getattr(
+            body, "return_documents", False) else 0
         if self._configs[name].kind == "embedding":
+            # the query is embedded once: each of the two embedding calls counts its own cost too
+            self._check_cost(text_cost([len(body.query), *map(len, documents)], vectors=len(documents),
+                                       echoed_chars=echoed))
             scores, tokens = await self._cosine_scores(name, body, documents, route)
             spans = [(0, len(document)) for document in documents]
         else:
+            prompt = self._prompt(name, body.prompt_name, body.prompt) or ""
+            self._check_cost(text_cost(list(map(len, documents)), joined=len(prompt) + len(body.query),
+                                       vectors=len(documents), echoed_chars=echoed))
             result = await self._score(ScoreRequest(
                 pairs=[(body.query, document) for document in documents], aggregate=body.aggregate,
-                window_overlap=body.window_overlap, prompt=self._prompt(name, body.prompt_name, body.prompt) or "",
+                window_overlap=body.window_overlap, prompt=prompt,
                 activate=not raw_scores, **self._score_options(name, body)), route)
             scores = [score.score for score in result.scores]
             spans = [(score.start, score.end) for score in result.scores]
@@ -107,6 +116,9 @@ class ScoringPipeline(EmbeddingPipeline):
         else:
             pairs = check_pairs(pairs, self._limits)
         info = await self._model_info(name)
+        self._check_cost(text_cost([len(text) for text in texts] if texts is not None else
+                                   [len(a) + len(b) for a, b in pairs],
+                                   vectors=len(texts or pairs), width=2 * len(info["labels"])))
         softmax = not body.raw_scores and info["activation_is_default"] and len(info["labels"]) > 1
         result = await self._score(ScoreRequest(texts=texts, pairs=pairs, windows=False, activate=not body.raw_scores,
                                                 apply_softmax=softmax, **self._score_options(name, body)), route)

@@ -333,7 +333,15 @@ class LimitsSettings(_Strict):
     limit and the number asked. They apply to HTTP and handle calls alike."""
 
     max_inputs_per_request: int = Field(2048, ge=1, description="Texts, pairs, token-id lists or word lists.")
-    max_chars_per_input: int = Field(200_000, ge=1)
+    max_chars_per_input: int = Field(200_000, ge=1, description="Characters of one input, with the prompt (or "
+                                                                "the rerank query) joined to it.")
+    max_chars_per_request: int = Field(
+        4_000_000, ge=1, description="Characters to tokenize in one request: every input's, and a prompt's or a rerank "
+                                     "query's once per input it is joined to.")
+    max_answer_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="An upper bound of the answer's size as JSON (24 bytes a number, 6 a "
+                                                "character echoed back): vectors times their width, chunk texts, "
+                                                "per-wordpiece vectors (counted once tokenized, before encoding).")
     max_wordpieces_per_request: int = Field(400_000, ge=1, description="Wordpieces of all inputs (token ids "
                                                                        "included), specials counted.")
     max_words_per_request: int = Field(50_000, ge=1, description="Pre-split words of all inputs, empty ones "

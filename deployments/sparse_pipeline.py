@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deployments.cost import check_sparse_answer, text_cost
 from deployments.protocol import SparseRequest, SparseResult
 from deployments.scoring_pipeline import ScoringPipeline
 from deployments.sparse_schema import EmbedSparseRequest
@@ -40,8 +41,12 @@ class SparsePipeline(ScoringPipeline):
                                 prompt=self._prompt(name, prompt_name, body.prompt) or "", task=body.task,
                                 max_active_dims=body.max_active_dims, return_tokens=body.return_tokens,
                                 max_tokens=self._limits.max_wordpieces_per_request)
+        self._check_cost(text_cost(list(map(len, texts)), joined=len(request.prompt), vectors=len(texts),
+                                   width=2 * (body.max_active_dims or 0)))
         result = await self._call_model(name, route, lambda: self._encoders[name].embed_sparse.remote(request),
                                         request.num_chars)
+        check_sparse_answer(sum(len(indices) for indices, _ in result.rows), len(result.rows), body.return_tokens,
+                            self._limits)
         return (await self._model_info(name))["dim"], result
 
     async def embed_sparse_texts(self, texts: Any, model: str | None = None, truncate: bool = False,

@@ -11,6 +11,7 @@ import time
 
 from ray import serve
 
+from deployments.cost import check_answer_rows
 from deployments.errors import BadRequestError, PayloadTooLargeError, UnknownModelError
 from deployments.loading import load_indexer
 from deployments.protocol import FoldRequest
@@ -56,6 +57,7 @@ class RequestFolder:
         except (TypeError, ValueError) as error:
             raise BadRequestError(str(error)) from None
         check_wordpieces(int(batch.num_wordpieces.sum()), limits.max_wordpieces_per_request)
+        check_answer_rows(int(batch.num_wordpieces.sum()), request.max_answer_rows, limits)
         if batch.has_chunks:
             pooled = int((batch.chunk_spans[:, 1] - batch.chunk_spans[:, 0]).sum())
             if pooled > limits.max_chunk_wordpieces_per_request:

@@ -612,14 +612,17 @@ class CrossEncoderScorer:
 
     def plan(self, pairs: Sequence[tuple[str, str]], *, truncate: bool = False, aggregate: Aggregate = "max",
              window_overlap: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-             max_windows: int | None = None) -> ScoringPlan:
-        """The segments ``score_pairs`` runs for ``pairs``, tokenized (the same arguments)."""
+             max_windows: int | None = None, windows: bool = True) -> ScoringPlan:
+        """The segments ``score_pairs`` runs for ``pairs``, tokenized (the same arguments). With
+        ``windows=False`` a pair longer than ``max_length`` is an ``InputTooLongError`` unless
+        ``truncate`` cuts it (no window is planned)."""
         queries, documents = _split_pairs(pairs)
         check_aggregate(aggregate)
         if not queries:
             return ScoringPlan(0, {"input_ids": []}, np.zeros(0, dtype=np.int64), [])
         text_prompt = self._prompt(prompt, prompt_name)
-        segments = self._plan(queries, documents, text_prompt, truncate, aggregate, window_overlap, max_windows)
+        segments = self._plan(queries, documents, text_prompt, truncate, aggregate, window_overlap, max_windows,
+                              windows)
         return self._tokenized(segments, len(queries), text_prompt)
 
     def plan_texts(self, texts: Sequence[str], *, truncate: bool = False) -> ScoringPlan:
@@ -721,9 +724,9 @@ class CrossEncoderScorer:
         return resolve_prompt(self.folder.prompts, self.folder.default_prompt_name, prompt_name, prompt)
 
     def _plan(self, queries: list[str], documents: list[str], prompt: str | None, truncate: bool, aggregate: str,
-              window_overlap: int | None, max_windows: int | None) -> _Segments:
+              window_overlap: int | None, max_windows: int | None, windows: bool = True) -> _Segments:
         """The segments to score, pair by pair: the whole pair when it fits or is truncated, else
-        one per window of its document."""
+        one per window of its document (``windows=False``: an ``InputTooLongError`` instead)."""
         encoded = self._pieces(documents, offsets=True)
         lengths = self.pairs.lengths(queries, documents, prompt, encoded["input_ids"])
         budgets: dict[str, int] = {}
@@ -735,6 +738,9 @@ class CrossEncoderScorer:
             if fits or truncate:
                 segments.add(index, query, document, (0, len(document)), truncated=not fits)
                 continue
+            if not windows:
+                raise InputTooLongError(f"pair {index} has {lengths[index]} tokens, more than max_length "
+                                        f"{self.max_length} (pass truncate: true to cut it)")
             if aggregate == "max" and self.num_labels > 1:
                 raise ValueError(f"document {index} needs windows, and the maximum over windows needs a one-label "
                                  f"model (this one has {self.num_labels}): pass aggregate='mean' or 'first', or "

@@ -44,6 +44,8 @@ class PretrainedTransformerIndexer:
 
     ``max_length`` (optional) folds an input longer than it into segments of at
     most ``max_length`` wordpieces each, every segment with the tokenizer's specials.
+    ``vocab_size`` (optional): the rows of the model's embedding matrix, which token ids given
+    as such must index (default: the tokenizer's size).
     """
 
     def __init__(
@@ -51,10 +53,12 @@ class PretrainedTransformerIndexer:
         model_name: str,
         max_length: int | None = None,
         tokenizer_kwargs: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.model_name = str(model_name)
         self.max_length = max_length
         self.tokenizer = get_tokenizer(model_name, **(tokenizer_kwargs or {}))
+        self.vocab_size = vocab_size or len(self.tokenizer)
         self.special = SpecialTokens.from_tokenizer(self.tokenizer)
         if max_length is not None and max_length <= self.special.num_added:
             raise ValueError(f"max_length {max_length} leaves no room beside "
@@ -249,7 +253,7 @@ class PretrainedTransformerIndexer:
         return sequences
 
     def _from_ids(self, token_ids: Sequence[Sequence[int]]) -> list[_Sequence]:
-        vocabulary = len(self.tokenizer)
+        vocabulary = self.vocab_size
         start, end = list(self.special.start_ids), list(self.special.end_ids)
         sequences = []
         for index, ids in enumerate(token_ids):

@@ -44,11 +44,13 @@ class SentenceSettings:
     default_prompt_name: str | None
     tokenizer_kwargs: dict[str, Any]
     transformer_kwargs: dict[str, Any]
+    vocab_size: int | None = None
 
     def indexer(self) -> PretrainedTransformerIndexer:
-        """The tokenizer and folding rule of this model."""
+        """The tokenizer and folding rule of this model (token ids checked against its embedding matrix)."""
         return PretrainedTransformerIndexer(self.folder.transformer_path, max_length=self.max_length,
-                                            tokenizer_kwargs=self.tokenizer_kwargs or None)
+                                            tokenizer_kwargs=self.tokenizer_kwargs or None,
+                                            vocab_size=self.vocab_size)
 
     def prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
         """The prompt text a request asks for (``ValueError`` for an unknown name or both fields)."""
@@ -106,6 +108,7 @@ def resolve_sentence_settings(
         default_prompt_name=default,
         tokenizer_kwargs=tokenizer_kwargs,
         transformer_kwargs=transformer_kwargs,
+        vocab_size=getattr(config, "vocab_size", None),
     )
 
 

@@ -16,14 +16,16 @@ POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)
 
 
 def check_pooling_modes(modes: str | Sequence[str]) -> tuple[str, ...]:
-    """One mode or several (their vectors are concatenated, as sentence-transformers does) as a tuple;
-    ``ValueError`` naming the valid modes for anything else."""
+    """One mode or several, each at most once (their vectors are concatenated, as sentence-transformers
+    does), as a tuple; ``ValueError`` naming the valid modes for anything else."""
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
     if not modes:
         raise ValueError(f"no pooling mode given; expected one or more of {POOLING_MODES}")
     for mode in modes:
         if mode not in POOLING_MODES:
             raise ValueError(f"Unknown pooling {mode!r}; expected one of {POOLING_MODES}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"pooling {list(modes)} names a mode more than once; each mode may appear once")
     return modes
 
 

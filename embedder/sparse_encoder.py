@@ -279,6 +279,10 @@ def splade_activation(logits: torch.Tensor, activation_function: Activation) -> 
     return values.log1p_() if activation_function == "log1p_relu" else values
 
 
+#: Rows of an inference-free route's answer made dense at once to keep their top-k.
+STATIC_TOP_K_ROWS = 64
+
+
 def top_k_rows(rows: torch.Tensor, k: int | None) -> torch.Tensor:
     """sentence-transformers' ``select_max_active_dims``: the ``k`` largest absolute values per row
     kept, the others zero (``torch.topk``, so that ties fall as they fall there)."""
@@ -443,7 +447,12 @@ class SparseEncoderModel:
             rows = self.static_routes[route].encode([texts] if single else list(texts),
                                                     self.prompt(prompt_name, prompt), truncate=truncate)
             k = self.folder.max_active_dims if k is None else k
-            return rows if k is None else to_csr(top_k_rows(torch.from_numpy(rows.toarray()), k))
+            if k is None:
+                return rows
+            # a few rows at a time: never [inputs, vocabulary] dense at once
+            return scipy.sparse.vstack([to_csr(top_k_rows(torch.from_numpy(rows[start:start + STATIC_TOP_K_ROWS]
+                                                                             .toarray()), k))
+                                        for start in range(0, rows.shape[0], STATIC_TOP_K_ROWS)], format="csr")
         batch = self.fold([texts] if single else texts, truncate=truncate, truncation_direction=truncation_direction,
                           prompt_name=prompt_name, prompt=prompt)
         return self.encode_folded(batch, max_active_dims=max_active_dims, max_batch_tokens=max_batch_tokens,

@@ -36,6 +36,15 @@ UNBOUNDED = [
      ["more than 4096 chunks", "max_chunks_per_request=4096"]),
     ("/embed_tokens", {"words": [[""] * 100_000], "level": "word"}, ["100000 words", "max_words_per_request=50000"]),
     ("/tokenize", {"words": [["a"] * 60_000]}, ["60000 words", "max_words_per_request=50000"]),
+    # a prompt is tokenized with every input: it counts once per input
+    ("/embed", {"inputs": ["a"] * 100, "prompt": "p" * 45_000}, ["4500100", "max_chars_per_request=4000000"]),
+    ("/embed", {"inputs": ["a" * 30_000], "prompt": "p" * 30_000}, ["60000", "max_chars_per_input=50000"]),
+    ("/embed_tokens", {"inputs": ["a"] * 100, "prompt": "p" * 45_000}, ["max_chars_per_request=4000000"]),
+    ("/v1/embeddings", {"input": ["a"] * 100, "prompt": "p" * 45_000}, ["max_chars_per_request=4000000"]),
+    ("/rerank", {"query": "q" * 60_000, "texts": ["a"]}, ["max_chars_per_input=50000"]),
+    # chunk texts are echoed back: 4,096 spans over a 40,000-character document would answer 164 M characters
+    ("/embed_chunks", {"inputs": ["x" * 40_000], "spans": [[[0, 40_000]] * 4096]},
+     ["max_answer_bytes=268435456"]),
 ]
 
 
@@ -63,9 +72,16 @@ def test_the_cluster_answers_others_while_it_refuses_unbounded_requests(http):
         np.testing.assert_allclose(np.array(answer.json()), expected, atol=1e-5)
 
 
+def test_pooling_modes_repeated_are_refused(http):
+    response = http.post("/embed", json={"inputs": ["a"] * 64, "pooling": ["mean"] * 3000})
+    assert response.status_code == 400 and "more than once" in response.json()["error"]["message"]
+
+
 def test_handle_calls_have_the_same_bounds(client):
     from cluster import PayloadTooLargeError
 
+    with pytest.raises(PayloadTooLargeError, match="max_chars_per_request"):
+        client.embed(["a"] * 100, prompt="p" * 45_000)
     with pytest.raises(PayloadTooLargeError, match="max_chunks_per_request"):
         client.embed_chunks([DOCUMENT], spans=[[(0, 4000)] * 20_000])
     with pytest.raises(PayloadTooLargeError, match="max_words_per_request"):

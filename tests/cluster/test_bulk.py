@@ -25,7 +25,7 @@ import yaml
 from ray.exceptions import UserCodeException
 
 from cluster.bulk import INPUT_ERROR_COLUMN, Chunking, check_input_columns, embed_dataset
-from cluster.bulk_job import run_bulk_job
+from cluster.bulk_job import MANIFEST, run_bulk_job
 from cluster.config import ModelConfig
 from cluster.sources import parse_json_lines
 
@@ -143,11 +143,26 @@ def test_resume_after_an_interrupted_run(cli_run, tmp_path, serve_cluster, fp32_
     assert not list(output.glob(".*.tmp"))
 
 
+def test_a_folder_the_job_did_not_write_is_refused_and_left_alone(tmp_path, fp32_model):
+    """A Spark output, or the input folder itself, given as OUTPUT: nothing in it is read or removed."""
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "some text"}])
+    foreign = tmp_path / "spark-output"
+    foreign.mkdir()
+    pq.write_table(pa.table({"other": [1, 2]}), foreign / "part-00000-c0ffee.snappy.parquet")
+    (foreign / "_SUCCESS").write_text("")
+    before = sorted((p.name, p.stat().st_size) for p in foreign.iterdir())
+    for resume in (True, False):
+        with pytest.raises(FileExistsError, match="no embedding-cluster job wrote it"):
+            run_bulk_job(str(source), foreign, fp32_model, id_column="id", resume=resume, show_progress=False)
+    assert sorted((p.name, p.stat().st_size) for p in foreign.iterdir()) == before
+
+
 def test_resume_refuses_null_or_repeated_ids_before_embedding(tmp_path, serve_cluster, fp32_model):
     output = tmp_path / "out"
     output.mkdir()
     unreadable = output / "part-earlier-00000.parquet"
     unreadable.write_bytes(b"cut short")  # a resume that got going would remove it
+    (output / MANIFEST).write_text(json.dumps([unreadable.name]))  # the job's own part
     repeated = write_jsonl(tmp_path / "repeated.jsonl", [{"id": i, "text": f"text {n}"}
                                                          for n, i in enumerate([0, 1, 2, 1, 3, 3, 3])])
     with pytest.raises(ValueError, match=r"2 'id' values of the input occur in more than one row \(3 duplicate "
@@ -158,7 +173,7 @@ def test_resume_refuses_null_or_repeated_ids_before_embedding(tmp_path, serve_cl
                    missing)
     with pytest.raises(ValueError, match=r"2 rows of the input have no 'key' \(e\.g\. the row \{'text': 'second'\}\)"):
         run_bulk_job(str(missing), output, fp32_model, id_column="key", resume=True, show_progress=False)
-    assert unreadable.exists() and [p.name for p in output.iterdir()] == [unreadable.name]
+    assert unreadable.exists() and sorted(p.name for p in output.iterdir()) == [MANIFEST, unreadable.name]
     # an id column given without --resume is checked too: the run that a resume would finish
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": "a", "text": "fine"}\nnot json\n')

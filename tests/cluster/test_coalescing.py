@@ -83,6 +83,8 @@ def test_free_slots_send_at_once_and_lanes_do_not_mix():
         deployment.release.set()
         assert await asyncio.gather(*tasks) == list("ABCDE")
         assert deployment.calls[3:] == [["d", "e"]]
+        await settle()
+        assert coalescer.lanes == 0  # idle lanes are forgotten: options without end open no lanes without end
 
     run(scenario())
 

@@ -182,3 +182,21 @@ def test_cli_serve_answers_drains_and_exits_cleanly_on_sigint(tmp_path, tiny_ber
     while _raylet_pids() - raylets_before and time.monotonic() < deadline:
         time.sleep(1)
     assert not _raylet_pids() - raylets_before, "the CLI left its Ray instance running"
+
+
+def test_a_local_cluster_shares_its_cpus_among_models_that_leave_num_cpus_unset():
+    """Three models with default settings on 2 CPUs: each first replica is placed (else never ready)."""
+    config = ClusterConfig(models=[ModelConfig(name=name) for name in "abc"])
+    fitted = config.fit_local_cpus(2)
+    starting = fitted.tokenizer.num_cpus + fitted.ingress.num_cpus + sum(m.num_cpus for m in fitted.models)
+    assert starting <= 2 and all(m.num_cpus == fitted.models[0].num_cpus > 0 for m in fitted.models)
+    assert ClusterConfig().fit_local_cpus(2) == ClusterConfig()  # what fits is left as it is
+    # a model that sets num_cpus keeps it; the others share the rest
+    mixed = ClusterConfig(models=[ModelConfig(name="set", num_cpus=0.5), ModelConfig(name="unset")])
+    assert [m.num_cpus for m in mixed.fit_local_cpus(2).models] == [0.5, 0.75]
+
+
+def test_a_local_cluster_that_cannot_fit_is_refused_naming_the_cpus():
+    config = ClusterConfig(models=[ModelConfig(name="a", num_cpus=1), ModelConfig(name="b", num_cpus=1)])
+    with pytest.raises(ValueError, match=r"ask for 2\.75 CPUs to start .* this machine has 2: lower num_cpus"):
+        config.fit_local_cpus(2)

@@ -191,3 +191,16 @@ def test_rerank_as_on_http(channel, http, app):
     plain = tei_pb2_grpc.RerankStub(channel).Rerank(tei_pb2.RerankRequest(query=query, texts=texts), metadata=app,
                                                     timeout=60)
     assert not any(rank.HasField("text") for rank in plain.ranks)
+
+
+def test_a_message_over_max_body_bytes_is_refused(channel, api_key, guarded_config):
+    """gRPC meets HTTP's body limit (the guarded app's 64 KiB): Serve's proxy alone takes up to 2 GiB."""
+    stub = tei_pb2_grpc.RerankStub(channel)
+    guarded = (("application", guarded_config.app_name), ("authorization", f"Bearer {api_key}"))
+    texts = ["a few words of a longer document here"] * 2000  # about 80 KB: within every other limit of the app
+    error = _refused(lambda: stub.Rerank(tei_pb2.RerankRequest(query="q", texts=texts), metadata=guarded,
+                                         timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"max_body_bytes={guarded_config.limits.max_body_bytes}" in error.details()
+    assert len(stub.Rerank(tei_pb2.RerankRequest(query="q", texts=texts[:10]), metadata=guarded,
+                           timeout=60).ranks) == 10

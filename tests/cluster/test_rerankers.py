@@ -4,6 +4,7 @@ against sentence-transformers' ``CrossEncoder`` and the plain ``transformers`` c
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import httpx
@@ -85,6 +86,37 @@ def test_raw_scores_are_the_logits_and_truncate_cuts_as_predict(http, reference)
     assert np.abs(ranked_scores(raw, 3) - logits).max() <= TOLERANCE
     long_result = next(r for r in raw if r["index"] == 2)
     assert 0 < long_result["window"]["end"] < len(LONG_DOCUMENT)
+
+
+def test_truncated_and_windowed_reranks_answer_alike_alone_and_among_many(http, reference):
+    """The twin of the reference tests under load: reranks that truncate (longest_first, as
+    CrossEncoder.predict) and reranks that read windows, sent at once, each equal to its lone answer
+    and to the reference."""
+    name, texts = "bert-plain", [LONG_DOCUMENT, DOCUMENTS[1], LONG_QUERY + " " + LONG_DOCUMENT]
+    bodies = [{"model": name, "query": QUERY, "texts": texts, "truncate": truncate}
+              for truncate in (True, False)] + [{"model": name, "inputs": [[LONG_QUERY, LONG_DOCUMENT]],
+                                                 "truncate": True}]
+    routes = ["/rerank", "/rerank", "/predict"]
+    alone = [http.post(route, json=body).json() for route, body in zip(routes, bodies)]
+    expected = reference(name).predict([(QUERY, text) for text in texts])
+    assert np.abs(ranked_scores(alone[0], len(texts)) - expected).max() <= TOLERANCE
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        answers = list(pool.map(lambda index: (index, http.post(routes[index], json=bodies[index])),
+                                [index for _ in range(6) for index in range(len(bodies))]))
+    for index, response in answers:
+        assert response.status_code == 200, response.text[:300]
+        if routes[index] == "/predict":
+            np.testing.assert_allclose(response.json()[0][0]["score"], alone[index][0][0]["score"], atol=TOLERANCE)
+        else:
+            np.testing.assert_allclose(ranked_scores(response.json(), len(texts)),
+                                       ranked_scores(alone[index], len(texts)), atol=TOLERANCE)
+
+
+def test_predict_refuses_a_long_pair_naming_truncate(http):
+    response = http.post("/predict", json={"model": "bert-3-labels", "inputs": [[LONG_QUERY, LONG_DOCUMENT * 4]]})
+    assert response.status_code == 413, response.text[:300]
+    message = response.json()["error"]["message"]
+    assert "truncate" in message and "aggregate" not in message
 
 
 @pytest.mark.parametrize("name", ["bert-plain", "xlmr-reranker"])

@@ -23,6 +23,7 @@ from st_folders import LONG_TEXTS, TEXTS
 from embedder.model_kind import read_model_kind
 from embedder.sentence_folder import UnsupportedModelError
 from embedder.sparse_encoder import (
+    STATIC_TOP_K_ROWS,
     SparseEncoderModel,
     is_masked_lm_folder,
     is_sparse_encoder_folder,
@@ -185,6 +186,10 @@ def test_inference_free_routes_equal_sparse_encoder(sparse_folders):
     assert_same_vectors(model.encode(texts, task="query", prompt_name="query").toarray(), queries)
     assert_same_vectors(model.encode_query(TEXTS, max_active_dims=3).toarray(),
                         st.encode_query(TEXTS, convert_to_tensor=True, max_active_dims=3).to_dense().numpy())
+    many = [f"{text} {number}" for number in range(30) for text in TEXTS]  # more rows than one top-k group
+    assert len(many) > STATIC_TOP_K_ROWS
+    assert_same_vectors(model.encode_query(many, max_active_dims=3).toarray(),
+                        st.encode_query(many, convert_to_tensor=True, max_active_dims=3).to_dense().numpy())
     long_documents = model.encode_document(LONG_TEXTS).toarray()
     for text, vector in zip(LONG_TEXTS, long_documents):
         assert_same_vectors(vector[None], masked_lm_reference(folder, text, 40, None)[None])
