@@ -63,6 +63,19 @@ def grpc_exposure(config: ClusterConfig) -> str | None:
     return None
 
 
+def http_exposure(config: ClusterConfig, insecure: bool) -> str | None:
+    """Why ``config``'s HTTP cannot be served as it stands, or ``None``: a non-loopback host opens the
+    API to other machines, refused without an API key unless ``insecure`` says so (then warned)."""
+    if config.http.host in LOOPBACK_HOSTS:
+        return None
+    if not config.api_key and not insecure:
+        return (f"http.host {config.http.host} makes the API reachable from other machines, and it has no API key: "
+                "set one (--api-key, EMBEDDING_CLUSTER_API_KEY or api_key), or pass --insecure to serve it open")
+    logger.warning("HTTP binds %s: the API is reachable from other machines%s", config.http.host,
+                   "" if config.api_key else " and has no API key (--insecure)")
+    return None
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Start (or join) Ray, deploy the app, serve until SIGINT/SIGTERM, then shut down cleanly."""
     import ray
@@ -77,9 +90,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"embedding-cluster serve: {error}", file=sys.stderr)
         return 2
-    if config.http.host not in LOOPBACK_HOSTS:
-        logger.warning("HTTP binds %s: the API is reachable from other machines%s", config.http.host,
-                       "" if config.api_key else " and has no API key (--api-key)")
+    if (problem := http_exposure(config, args.insecure)) is not None:
+        print(f"embedding-cluster serve: {problem}", file=sys.stderr)
+        return 2
     if (problem := grpc_exposure(config)) is not None:
         print(f"embedding-cluster serve: {problem}", file=sys.stderr)
         return 2
@@ -312,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "config's http.front, auto: HAProxy when its binary is installed)")
     serve.add_argument("--api-key", help="require this key on every route but /health "
                                          "(default: $EMBEDDING_CLUSTER_API_KEY)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve a non-loopback host without an API key (refused otherwise)")
     serve.set_defaults(func=serve_command)
 
     embed = commands.add_parser("embed", help="bulk job: embed a corpus into parquet with ray.data")

@@ -75,6 +75,8 @@ MAX_REPLICAS_ASKED = 16
 #: How long those answers serve ``GET /models`` while the model's running replicas stay as many: a
 #: client polling ``/models`` must not add load that the autoscaler would answer with replicas.
 PLACEMENTS_TTL_S = 60.0
+#: How long a readiness answer serves ``GET /ready``.
+READY_TTL_S = 1.0
 
 
 def replica_placements(infos: list[dict]) -> dict:
@@ -125,6 +127,9 @@ class EmbeddingPipeline:
         self._placements: dict[str, tuple[list[dict], int, float]] = {}
         self._metrics = IngressMetrics()
         self._started = int(time.time())
+        #: readiness as last computed, and when; the computation in flight (one at a time)
+        self._readiness: tuple[dict[str, str], float] | None = None
+        self._readiness_call: asyncio.Future | None = None
 
     # --- the way through -------------------------------------------------------
 
@@ -445,7 +450,19 @@ class EmbeddingPipeline:
 
     async def not_ready(self) -> dict[str, str]:
         """The models without a running replica (one runs only once it has answered a forward
-        pass), each with its deployment's status and message; empty when every model is ready."""
+        pass), each with its deployment's status and message; empty when every model is ready.
+        The answer serves ``READY_TTL_S`` (``/ready`` needs no key and is not counted in flight: each
+        computation is a controller call, so probes at any rate make at most one a second)."""
+        cached = self._readiness
+        if cached is not None and time.monotonic() - cached[1] < READY_TTL_S:
+            return cached[0]
+        if self._readiness_call is None or self._readiness_call.done():
+            self._readiness_call = asyncio.ensure_future(self._compute_not_ready())
+        waiting = await asyncio.shield(self._readiness_call)
+        self._readiness = (waiting, time.monotonic())
+        return waiting
+
+    async def _compute_not_ready(self) -> dict[str, str]:
         statuses = await asyncio.to_thread(self._deployment_statuses)
         waiting = {}
         for config in self._settings.models:

@@ -200,3 +200,12 @@ def test_a_local_cluster_that_cannot_fit_is_refused_naming_the_cpus():
     config = ClusterConfig(models=[ModelConfig(name="a", num_cpus=1), ModelConfig(name="b", num_cpus=1)])
     with pytest.raises(ValueError, match=r"ask for 2\.75 CPUs to start .* this machine has 2: lower num_cpus"):
         config.fit_local_cpus(2)
+
+
+def test_serve_refuses_an_open_non_loopback_host_without_a_key(capsys, monkeypatch):
+    from cluster.cli import main
+
+    monkeypatch.delenv("EMBEDDING_CLUSTER_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2  # before Ray starts
+    error = capsys.readouterr().err
+    assert "reachable from other machines" in error and "no API key" in error and "--insecure" in error

@@ -242,6 +242,23 @@ def test_the_rayservice_passes_kuberays_own_checks():
         MANIFEST.read_text())
 
 
+def test_the_pods_require_the_api_key_and_run_unprivileged():
+    """The API listens on 0.0.0.0 in the pods: its key Secret is required (no optional), and every Ray
+    container runs as a non-root user on a read-only root filesystem with /tmp writable."""
+    spec = _manifest()["RayService"]["spec"]["rayClusterConfig"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        (container,) = pod["containers"]
+        (key,) = [e for e in container["env"] if e["name"] == "EMBEDDING_CLUSTER_API_KEY"]
+        assert not key["valueFrom"]["secretKeyRef"].get("optional", False)
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert {"name": tmp["name"], "emptyDir": {}} in pod["volumes"]
+    assert "kubectl create secret generic embedding-cluster-api-key --from-literal=api_key=" in MANIFEST.read_text()
+
+
 def test_serve_config_v2_passes_serves_schema_and_builds_the_app(tmp_path):
     manifest = _manifest()
     serve_config = yaml.safe_load(manifest["RayService"]["spec"]["serveConfigV2"])
