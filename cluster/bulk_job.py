@@ -99,16 +99,15 @@ def _write_manifest(output: Path, parts: list[str]) -> None:
 
 
 def _claim_output(output: Path, resume: bool) -> None:
-    """Make ``output`` the job's: a new or empty folder gets an empty manifest; a folder the job wrote
-    is refused without ``resume`` (its results would be mixed); any other non-empty folder is refused
-    (it is someone else's: nothing in it is read or removed)."""
+    """Check that ``output`` may be the job's (made if missing; the manifest comes with the first part):
+    a folder the job wrote is refused without ``resume`` (its results would be mixed); any other
+    non-empty folder is refused (it is someone else's: nothing in it is read or removed)."""
     output.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(output)
     if manifest is None:
         if any(output.iterdir()):
             raise FileExistsError(f"{output} is not empty and no embedding-cluster job wrote it (it has no "
                                   f"{MANIFEST}); choose an empty folder")
-        _write_manifest(output, [])
     elif manifest and not resume:
         raise FileExistsError(f"{output} already holds results; pass --resume to finish that run, "
                               "or choose an empty folder")
@@ -133,7 +132,8 @@ def _collect_finished_parts(output: Path, id_column: str, summary: BulkSummary) 
         summary.add(table)
         kept.append(name)
         ids.append(table.column(id_column).combine_chunks())
-    _write_manifest(output, kept)
+    if (output / MANIFEST).exists():
+        _write_manifest(output, kept)
     summary.rows_resumed = summary.rows_out
     return pa.concat_arrays(ids) if ids else pa.array([])
 

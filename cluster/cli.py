@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import os
 import signal
@@ -76,6 +77,21 @@ def http_exposure(config: ClusterConfig, insecure: bool) -> str | None:
     return None
 
 
+def _deploy_in_background(deploy: Callable[[], object]) -> concurrent.futures.Future:
+    """``deploy()`` (``serve.run``, which waits until every replica runs) on a daemon thread, so that the
+    main thread keeps answering Ctrl-C while replicas start or wait for resources."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(deploy())
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which decides
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="deploy", daemon=True).start()
+    return future
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Start (or join) Ray, deploy the app, serve until SIGINT/SIGTERM, then shut down cleanly."""
     import ray
@@ -124,15 +140,22 @@ def serve_command(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": config.http.host, "port": config.http.port},
                     grpc_options=config.grpc.serve_options())
         logger.info("deploying %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))
-        try:
-            serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
-        except RuntimeError as error:
-            print(f"embedding-cluster serve: {deploy_failure(config.app_name, error)}", file=sys.stderr, flush=True)
-            return 2
-        grpc = "" if config.grpc.port is None else f", gRPC (TEI's tei.v1) on port {config.grpc.port}"
-        print(f"embedding-cluster ready: http://{config.http.host}:{config.http.port}{grpc} "
-              f"(front: {front}; docs at /docs; Ctrl-C to stop)", flush=True)
-        stop.wait()
+        deployment = _deploy_in_background(lambda: serve.run(build_app(config), name=config.app_name,
+                                                             route_prefix=config.route_prefix, blocking=False))
+        while not deployment.done() and not stop.wait(0.5):
+            pass  # Ctrl-C while replicas start (or wait for resources) stops at once
+        if deployment.done():
+            if isinstance(error := deployment.exception(), RuntimeError):
+                print(f"embedding-cluster serve: {deploy_failure(config.app_name, error)}", file=sys.stderr,
+                      flush=True)
+                return 2
+            deployment.result()
+            grpc = "" if config.grpc.port is None else f", gRPC (TEI's tei.v1) on port {config.grpc.port}"
+            print(f"embedding-cluster ready: http://{config.http.host}:{config.http.port}{grpc} "
+                  f"(front: {front}; docs at /docs; Ctrl-C to stop)", flush=True)
+            stop.wait()
+        else:
+            logger.info("stopping before every model was ready")
         logger.info("stopping: draining requests in flight")
     finally:
         # deleting the app first lets every replica finish the requests it holds (Serve's graceful

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shlex
 import socket
 import tempfile
@@ -39,6 +40,11 @@ HAPROXY_SETTINGS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS
                     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 #: The front's listeners besides the HTTP port (stats, Prometheus, Serve's fallback proxy for an app without
 #: replicas): fixed ports by default, so two clusters on one machine would collide; free ones are taken.
+#: Ports of each ingress replica's own HTTP and gRPC servers under HAProxy: Serve starts every cluster at
+#: 30000 and 40000, so two clusters on one machine (a bench beside a running one) would take each other's
+#: ports, and HAProxy would send one cluster's requests to the other's replicas. Each cluster started
+#: here takes ranges of its own, free when it starts.
+DIRECT_INGRESS_PORTS = 64
 SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
               "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 #: Rebinds the stats and Prometheus listeners (``bind *:PORT``, ``bind :PORT`` on their own ports) of the
@@ -102,12 +108,34 @@ def front_environment(front: Front) -> dict[str, str]:
         logger.info("no HAProxy binary: Serve's Python proxy is the HTTP front")
         return {}
     ports = {name: os.environ.get(name) or str(free_port()) for name in SIDE_PORTS}
+    for kind in ("HTTP", "GRPC"):
+        low, high = f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"
+        if low not in os.environ and high not in os.environ:
+            base = free_port_range(DIRECT_INGRESS_PORTS)
+            ports |= {low: str(base), high: str(base + DIRECT_INGRESS_PORTS)}
     wrapper = loopback_wrapper(binary, Path(tempfile.mkdtemp(prefix="embedding-cluster-haproxy-")),
                                int(ports["RAY_SERVE_HAPROXY_STATS_PORT"]), int(ports["RAY_SERVE_HAPROXY_METRICS_PORT"]))
     cores = os.cpu_count() or 1
     settings = {**HAPROXY_SETTINGS, "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
                 "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 2))), **ports}
     return {name: value for name, value in settings.items() if name not in os.environ}
+
+
+def free_port_range(width: int) -> int:
+    """The first of ``width`` loopback ports free now, at a random place (as ``free_port``, a hint)."""
+    while True:
+        base = random.randrange(20_000, 60_000 - width, width)
+        if all(_is_free(port) for port in range(base, base + width)):
+            return base
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:

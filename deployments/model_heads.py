@@ -36,6 +36,14 @@ WARM_UP_TEXT = "warm up the encoder"
 WARM_UP_PAIR = ("warm up", "the reranker")
 
 
+def finite_digest(values: np.ndarray, model: str) -> str:
+    """16 hex digits of ``values``' sha256 (a probe's answer: it tells replicas' weights apart);
+    ``RuntimeError`` when a value is not finite (a model that cannot run any more)."""
+    if not np.isfinite(values).all():
+        raise RuntimeError(f"model {model!r} answers non-finite values")
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class EncodeItem:
     """One embedding request's folded inputs and options, as queued for a batch."""
@@ -88,9 +96,7 @@ class EmbeddingHead:
     def probe_digest(self, result: EncodeResult) -> str:
         """The digest of the probe's answer (it tells replicas' weights apart); ``RuntimeError``
         when the answer is not finite (a model that cannot run any more)."""
-        if not np.isfinite(result.vectors).all():
-            raise RuntimeError(f"model {self._config.name!r} answers non-finite vectors")
-        return hashlib.sha256(np.ascontiguousarray(result.vectors).tobytes()).hexdigest()[:16]
+        return finite_digest(result.vectors, self._config.name)
 
     def validate(self, item: EncodeItem) -> None:
         """``BadRequestError`` for what this model cannot do with the item (checked before queueing)."""
@@ -172,9 +178,7 @@ class PairScoreHead:
         self.probe = ScoreItem(self.scorer.plan([WARM_UP_PAIR]), 0.0)
 
     def probe_digest(self, result: BatchOutput) -> str:
-        if not np.isfinite(result.logits).all():
-            raise RuntimeError(f"model {self._config.name!r} answers non-finite scores")
-        return hashlib.sha256(np.ascontiguousarray(result.logits).tobytes()).hexdigest()[:16]
+        return finite_digest(result.logits, self._config.name)
 
     def validate(self, item: ScoreItem) -> None:
         """Nothing: planning checked the request."""
@@ -277,10 +281,7 @@ class SparseHead:
         self.probe = SparseItem(self.model.indexer.fold([WARM_UP_TEXT]), None, 0.0)
 
     def probe_digest(self, result: SparseOutput) -> str:
-        values = np.concatenate([values for _, values in result.rows])
-        if not np.isfinite(values).all():
-            raise RuntimeError(f"model {self._config.name!r} answers non-finite vectors")
-        return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
+        return finite_digest(np.concatenate([values for _, values in result.rows]), self._config.name)
 
     def validate(self, item: SparseItem) -> None:
         """Nothing: planning checked the request."""

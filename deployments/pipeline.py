@@ -26,6 +26,7 @@ from deployments.cost import RequestCost, check_cost, fold_cost, precision_width
 from deployments.errors import (
     BadRequestError,
     EmbeddingRequestError,
+    OverloadedError,
     ReplicaFailedError,
     UnknownModelError,
     as_request_error,
@@ -77,6 +78,10 @@ MAX_REPLICAS_ASKED = 16
 PLACEMENTS_TTL_S = 60.0
 #: How long a readiness answer serves ``GET /ready``.
 READY_TTL_S = 1.0
+#: What a model's readiness says when none of its replicas runs or will: its deployment failed, or Serve
+#: says its replicas have waited long to be scheduled (resources the cluster does not have). Not
+#: UNHEALTHY: a replica that died is replaced, and a request waits for it (and is retried once).
+UNPLACED_MARKS = ("DEPLOY_FAILED", "to be scheduled")
 
 
 def replica_placements(infos: list[dict]) -> dict:
@@ -193,6 +198,7 @@ class EmbeddingPipeline:
         tags = {"model": model, "route": route}
         status = "error"
         try:
+            await self._refuse_unplaced(model)
             result = await self._retrying(call, cost)
             status = "ok"
         except EmbeddingRequestError as error:
@@ -447,6 +453,21 @@ class EmbeddingPipeline:
         self._placements[name] = (infos, running, time.monotonic())
         self._infos[name] = infos[0]
         return infos
+
+    async def _refuse_unplaced(self, model: str) -> None:
+        """503 at once, saying why, for a model none of whose replicas runs or will: its deployment
+        failed, or its replicas wait for resources the cluster does not have (Serve says they have
+        taken long to be scheduled). A request would otherwise wait until it timed out. The readiness
+        seen is at most ``READY_TTL_S`` old, else the last one while a new one is asked for."""
+        if self._readiness is None:
+            waiting = await self.not_ready()
+        else:
+            waiting = self._readiness[0]
+            if time.monotonic() - self._readiness[1] >= READY_TTL_S:
+                asyncio.ensure_future(self.not_ready())
+        reason = waiting.get(model)
+        if reason is not None and any(mark in reason for mark in UNPLACED_MARKS):
+            raise OverloadedError(f"model {model!r} has no replica to answer it: {reason}")
 
     async def not_ready(self) -> dict[str, str]:
         """The models without a running replica (one runs only once it has answered a forward

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 from embedder.chunking import ChunkContext
 from embedder.indexer import TruncationDirection
+from embedder.model_kind import ModelKind
 from embedder.quantization import Precision
 from embedder.sentence_pooling import PoolingMode as Pooling
 from embedder.word_pooling import SubTokenMode
@@ -244,7 +245,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(..., description="When the ingress started serving it (Unix seconds), as OpenAI's field.")
     owned_by: str = "embedding-cluster"
-    kind: Literal["embedding", "reranker", "classifier", "sparse"] = Field(
+    kind: ModelKind = Field(
         ..., description="What the folder holds: an embedding model (/embed...), a reranker (/rerank, /predict), a "
                          "classifier (/predict) or a sparse encoder (/embed_sparse).")
     model_name: str

@@ -26,7 +26,7 @@ from ray.exceptions import UserCodeException
 
 from cluster.bulk import INPUT_ERROR_COLUMN, Chunking, check_input_columns, embed_dataset
 from cluster.bulk_job import MANIFEST, run_bulk_job
-from cluster.config import ModelConfig
+from cluster.config import LimitsSettings, ModelConfig
 from cluster.sources import parse_json_lines
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,6 +219,23 @@ def test_embed_dataset_refuses_a_column_it_writes(serve_cluster, fp32_model):
     # known only once it runs: the tokenize stage refuses it (and ray.data wraps the ValueError)
     with pytest.raises(UserCodeException, match="ValueError: the input already has the column 'error'"):
         embed_dataset(late, fp32_model, encode_actors=1, tokenize_actors=1).take_all()
+
+
+def test_a_row_past_the_serving_limits_fails_alone(serve_cluster, fp32_model):
+    """Bulk rows meet the serving path's per-request limits: the long row gets its error, the others
+    their vectors, from the same block."""
+    rows = [{"text": "a short text"}, {"text": "word " * 500}, {"text": "another short one"}]
+    limits = LimitsSettings(max_chars_per_input=1000, max_wordpieces_per_request=400)
+    out = embed_dataset(ray.data.from_items(rows), fp32_model, encode_actors=1, tokenize_actors=1, limits=limits,
+                        prompt="query: ").take_all()
+    by_text = {row["text"]: row for row in out}
+    long = by_text["word " * 500]
+    assert long["embedding"] is None and "max_chars_per_input=1000" in long["error"]
+    assert all(by_text[text]["error"] is None and len(by_text[text]["embedding"]) == 384
+               for text in ("a short text", "another short one"))
+    wordy = embed_dataset(ray.data.from_items([{"text": "w " * 450}, {"text": "fine"}]), fp32_model,
+                          encode_actors=1, tokenize_actors=1, limits=limits).take_all()
+    assert "max_wordpieces_per_request=400" in wordy[0]["error"] and wordy[1]["error"] is None
 
 
 def test_check_input_columns_knows_every_column_written():

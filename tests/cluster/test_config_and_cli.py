@@ -209,3 +209,38 @@ def test_serve_refuses_an_open_non_loopback_host_without_a_key(capsys, monkeypat
     assert main(["serve", "--host", "0.0.0.0"]) == 2  # before Ray starts
     error = capsys.readouterr().err
     assert "reachable from other machines" in error and "no API key" in error and "--insecure" in error
+
+
+def test_a_model_that_cannot_be_placed_answers_503_and_ctrl_c_stops_serve(tmp_path, tiny_bert_path, free_port,
+                                                                           start_cli_serve):
+    """A model whose replica waits for a GPU this machine does not have: its requests get a 503 saying
+    why (once Serve says the replica waits to be scheduled) instead of waiting until they time out, the
+    other model answers, and Ctrl-C stops ``serve`` while the deployment is still pending."""
+    port = free_port()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({
+        "tokenizer": {"num_cpus": 0.1}, "ingress": {"num_cpus": 0.1},
+        "models": [{"name": "tiny", "model_name": tiny_bert_path, "num_cpus": 0.1},
+                   {"name": "needs-a-gpu", "model_name": tiny_bert_path, "num_cpus": 0.1, "num_gpus": 1}]}))
+    process = start_cli_serve(config, port)
+    try:
+        deadline, answer = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            answer = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["x"], "model": "needs-a-gpu"},
+                                timeout=60)
+            if answer.status_code == 503:
+                break
+            time.sleep(2)
+        assert answer is not None and answer.status_code == 503, answer.text if answer else None
+        assert time.monotonic() - started < 5
+        assert "needs-a-gpu" in answer.json()["error"]["message"] and "scheduled" in answer.json()["error"]["message"]
+        tiny = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["x"], "model": "tiny"}, timeout=60)
+        assert tiny.status_code == 200
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+        assert time.monotonic() - stopped < 30 and "embedding-cluster stopped" in output, output[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()

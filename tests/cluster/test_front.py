@@ -45,7 +45,8 @@ def test_the_wrapper_binds_the_side_listeners_to_loopback(tmp_path):
 
 
 def test_front_environment(monkeypatch):
-    for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH", *front.SIDE_PORTS):
+    for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH", *front.SIDE_PORTS,
+                 *(f"RAY_SERVE_DIRECT_INGRESS_{end}_{kind}_PORT" for end in ("MIN", "MAX") for kind in ("HTTP", "GRPC"))):
         monkeypatch.delenv(name, raising=False)
     assert front_environment("proxy") == {}
     with pytest.raises(ValueError, match="front must be one of"):
@@ -54,6 +55,10 @@ def test_front_environment(monkeypatch):
         environment = front_environment("auto")
         assert environment["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         assert all(int(environment[name]) > 0 for name in front.SIDE_PORTS)
+        # each cluster its own ingress replicas' ports (Serve would start every cluster at 30000 and 40000)
+        for kind in ("HTTP", "GRPC"):
+            low = int(environment[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"])
+            assert int(environment[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"]) == low + front.DIRECT_INGRESS_PORTS
         monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "9999")
         assert "RAY_SERVE_HAPROXY_STATS_PORT" not in front_environment("haproxy")  # the environment wins
     monkeypatch.setattr(front, "haproxy_binary", lambda: None)

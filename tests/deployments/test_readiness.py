@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from deployments import pipeline
 from deployments.pipeline import EmbeddingPipeline
 from deployments.settings import IngressSettings, ServingSettings
@@ -31,3 +33,39 @@ def test_readiness_is_computed_once_a_second(monkeypatch):
     monkeypatch.setattr(pipeline, "READY_TTL_S", 0.0)
     asyncio.run(probes(1))
     assert len(calls) == 3  # an answer past its time is computed again
+
+
+def test_a_model_no_replica_can_answer_is_refused_at_once(monkeypatch):
+    """A request for a model whose replicas wait for resources the cluster lacks gets a 503 naming why,
+    at once, instead of waiting until it times out; a model still starting is waited for."""
+    from deployments.errors import OverloadedError
+
+    service = EmbeddingPipeline(ServingSettings(ingress=IngressSettings(inline_tokenize_max_chars=0)),
+                                tokenizer=None, encoders={})
+    unplaced = ("Deployment 'encoder-x' has 1 replicas that have taken more than 30s to be scheduled. Resources "
+                "required for each replica: {'CPU': 1.0}, total resources available: {'CPU': 0.25}.")
+    status = {"status": "UPDATING", "status_message": unplaced, "replicas": {"starting": 1}}
+    monkeypatch.setattr(service, "_deployment_statuses", lambda: {"all-MiniLM-L6-v2": status})
+    sent = []
+
+    async def call():
+        sent.append(1)
+        return None
+
+    with pytest.raises(OverloadedError, match=r"no replica to answer it: UPDATING: .* to be scheduled"):
+        asyncio.run(service._call_model("all-MiniLM-L6-v2", "embed", call, cost=1))
+    assert not sent
+    starting = {"status": "UPDATING", "status_message": "", "replicas": {"starting": 1}}
+    monkeypatch.setattr(service, "_deployment_statuses", lambda: {"all-MiniLM-L6-v2": starting})
+    monkeypatch.setattr(pipeline, "READY_TTL_S", 0.0)
+    service._readiness = None
+
+    class Answer:
+        timings: dict = {}
+
+    async def answer():
+        sent.append(1)
+        return Answer()
+
+    asyncio.run(service._call_model("all-MiniLM-L6-v2", "embed", answer, cost=1))
+    assert sent == [1]

@@ -94,3 +94,14 @@ def test_shared_tokenizer_cannot_be_changed(minilm_path, side):
     with pytest.raises(AttributeError, match="shared between threads"):
         tokenizer.truncation_side = side
     assert tokenizer.with_truncation_side(side).truncation_side == side
+
+
+def test_prompt_caches_are_bounded(minilm_path):
+    """A request may bring any prompt: the caches keyed by it keep at most PROMPT_CACHE_SIZE."""
+    from embedder.indexer import PretrainedTransformerIndexer
+    from embedder.shared_tokenizer import PROMPT_CACHE_SIZE
+
+    indexer = PretrainedTransformerIndexer(minilm_path)
+    lengths = [indexer.prompt_length(f"prompt number {n}: ") for n in range(PROMPT_CACHE_SIZE + 100)]
+    assert lengths[0] == indexer.prompt_length("prompt number 0: ") > 1
+    assert indexer._prompt_lengths.cache_info().currsize == PROMPT_CACHE_SIZE
