@@ -50,7 +50,14 @@ from embedder.llm_reranker import (LLM_TASK, ChatTemplatePairs, LogitScoreHead, 
                                    read_logit_score)
 from embedder.pair_windows import (Aggregate, InputTooLongError, aggregate_windows, check_aggregate, check_overlap,
                                    default_overlap, window_budget, window_spans)
-from embedder.sentence_folder import UnsupportedModelError, module_kwargs, read_json, resolve_prompt
+from embedder.sentence_folder import (
+    UnsupportedModelError,
+    check_folder,
+    module_kwargs,
+    read_json,
+    resolve_prompt,
+    transformer_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +76,6 @@ _DEFAULT_FOR_ONE, _DEFAULT_FOR_MANY = "the default for one label", "the default 
 #: The Transformer module of a cross-encoder: sequence classification, text in, logits out as scores.
 CROSS_ENCODER_TASK = "sequence-classification"
 _TEXT_LOGITS = {"text": {"method": "forward", "method_output_name": "logits"}}
-_TRANSFORMER_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json",
-                             "sentence_distilbert_config.json", "sentence_camembert_config.json",
-                             "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
-                             "sentence_xlnet_config.json")
 #: Model loading arguments a folder may set: passed on, or (the dtype: the caller's choice) left out.
 _PASSED_MODEL_KWARGS = frozenset({"attn_implementation"})
 _IGNORED_MODEL_KWARGS = frozenset({"dtype", "torch_dtype"})
@@ -211,12 +214,7 @@ def _read_transformer(model_name: str, modules: Any) -> _TransformerModule:
                 f"embedding-cluster for a CrossEncoder, so its scores cannot be reproduced; a reranker must be "
                 f"exactly one sentence_transformers Transformer module (an LLM reranker: then one LogitScore)")
     path = str(modules[0].get("path", ""))
-    config: dict[str, Any] = {}
-    for filename in _TRANSFORMER_CONFIG_FILES:
-        found = read_json(model_name, "/".join(p for p in (path.strip("/"), filename) if p))
-        if found is not None:
-            config = found
-            break
+    config = transformer_settings(model_name, path)
     where = f"{model_name}/{path or '.'} (Transformer module)"
     task = config.get("transformer_task", "feature-extraction")
     logit_score = read_logit_score(model_name, modules[1], 1) if len(modules) > 1 else None
@@ -250,8 +248,7 @@ def read_cross_encoder_folder(model_name: str | Path) -> CrossEncoderFolder:
     """What ``CrossEncoder(model_name)`` builds, as data; ``UnsupportedModelError`` for anything
     that cannot be reproduced exactly."""
     model_name = str(model_name)
-    if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
-        raise UnsupportedModelError(f"{model_name}: no such folder")
+    check_folder(model_name)
     modules = read_json(model_name, "modules.json")
     settings: dict[str, Any] = {}
     transformer: dict[str, Any] = {}

@@ -24,12 +24,16 @@ from embedder.devices import choose_dtype, resolve_device
 from embedder.indexer import PretrainedTransformerIndexer, TruncationDirection
 from embedder.inference import encode_folded
 from embedder.lengths import resolve_max_length
-from embedder.sentence_folder import SentenceFolder, UnsupportedModelError, read_sentence_folder, resolve_prompt
+from embedder.sentence_folder import (
+    SentenceFolder,
+    check_lowercasing,
+    read_sentence_folder,
+    resolve_prompt,
+)
 from embedder.sentence_head import SentenceHead
 from embedder.sentence_pooling import check_pooling_modes
 from embedder.transformer_embedder import PretrainedTransformerEmbedder, transformer_spec
 
-_LOWERCASE_PROBE = "Embedding Cluster ABC"
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,6 @@ class SentenceSettings:
                                 override_weights_file, override_weights_strip_prefix, self.folder.model_class)
 
 
-def _lowercases(tokenizer: Any) -> bool:
-    return tokenizer.tokenize(_LOWERCASE_PROBE) == tokenizer.tokenize(_LOWERCASE_PROBE.lower())
-
-
 def resolve_sentence_settings(
     model_name: str,
     *,
@@ -88,9 +88,7 @@ def resolve_sentence_settings(
     tokenizer_kwargs = {**folder.tokenizer_kwargs, **(tokenizer_kwargs or {})}
     transformer_kwargs = {**folder.config_kwargs, **(transformer_kwargs or {})}
     tokenizer = get_tokenizer(folder.transformer_path, **tokenizer_kwargs)
-    if folder.do_lower_case and not _lowercases(tokenizer):
-        raise UnsupportedModelError(f"{model_name}: sentence_bert_config.json asks for do_lower_case, which its "
-                                    "tokenizer does not do; lowercase texts before sending them and set it to false")
+    check_lowercasing(model_name, folder.do_lower_case, tokenizer)
     config = AutoConfig.from_pretrained(folder.transformer_path, **folder.config_kwargs)
     length = resolve_max_length(max_length, model_name=model_name, max_seq_length=folder.max_seq_length,
                                 tokenizer=tokenizer, config=config)

@@ -38,8 +38,11 @@ DEFAULT_PROMPTS: dict[str, str] = {"query": "", "document": ""}
 #: Encoder-decoder architectures whose encoder sentence-transformers loads on its own.
 ENCODER_ONLY_CLASSES: dict[str, str] = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel",
                                         "umt5": "UMT5EncoderModel"}
+#: A text whose tokens tell whether a tokenizer lowercases.
+_LOWERCASE_PROBE = "Embedding Cluster ABC"
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "LayerNorm", "Normalize", "Dropout")
-_TRANSFORMER_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json",
+#: The names a Transformer module's settings file has had (sentence-transformers reads the first found).
+TRANSFORMER_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json",
                              "sentence_distilbert_config.json", "sentence_camembert_config.json",
                              "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
                              "sentence_xlnet_config.json")
@@ -180,14 +183,34 @@ def _read_head_module(model_name: str, kind: str, path: str) -> HeadModule:
     return HeadModule(kind=kind, path=path, config=config)
 
 
-def _read_transformer(model_name: str, path: str) -> dict[str, Any]:
-    """The Transformer module's ``sentence_bert_config.json`` (or an older name), checked."""
-    config: dict[str, Any] = {}
-    for filename in _TRANSFORMER_CONFIG_FILES:
+def transformer_settings(model_name: str, path: str) -> dict[str, Any]:
+    """A Transformer module's ``sentence_bert_config.json`` (or its older names) under ``path`` of the
+    folder, ``{}`` when it has none: the one reader of it for every kind."""
+    for filename in TRANSFORMER_CONFIG_FILES:
         found = read_json(model_name, _join(path, filename))
         if found is not None:
-            config = found
-            break
+            return found
+    return {}
+
+
+def check_folder(model_name: str) -> None:
+    """``UnsupportedModelError`` for a local path (absolute, or starting with ``.``) that is no folder; a
+    hub id passes (the hub cache answers for it)."""
+    if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
+        raise UnsupportedModelError(f"{model_name}: no such folder")
+
+
+def check_lowercasing(model_name: str, do_lower_case: bool, tokenizer: Any) -> None:
+    """``UnsupportedModelError`` when a folder asks for ``do_lower_case`` and its tokenizer does not
+    lowercase (sentence-transformers would lowercase the texts before the tokenizer)."""
+    if do_lower_case and tokenizer.tokenize(_LOWERCASE_PROBE) != tokenizer.tokenize(_LOWERCASE_PROBE.lower()):
+        raise UnsupportedModelError(f"{model_name}: sentence_bert_config.json asks for do_lower_case, which its "
+                                    "tokenizer does not do; lowercase texts before sending them and set it to false")
+
+
+def _read_transformer(model_name: str, path: str) -> dict[str, Any]:
+    """The Transformer module's ``sentence_bert_config.json`` (or an older name), checked."""
+    config = transformer_settings(model_name, path)
     where = f"{model_name}/{path or '.'}"
     task = config.get("transformer_task", "feature-extraction")
     if task != "feature-extraction":
@@ -213,8 +236,7 @@ def read_sentence_folder(model_name: str | Path) -> SentenceFolder:
     """What ``SentenceTransformer(model_name)`` builds, as data; ``UnsupportedModelError`` for
     anything that cannot be reproduced. A folder without ``modules.json`` gives mean pooling."""
     model_name = str(model_name)
-    if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
-        raise UnsupportedModelError(f"{model_name}: no such folder")
+    check_folder(model_name)
     modules = read_json(model_name, "modules.json")
     if modules is None:
         return SentenceFolder(model_name=model_name, transformer_path=model_name,

@@ -41,14 +41,16 @@ from embedder.folding import _segment_keep_ranges
 from embedder.indexer import PretrainedTransformerIndexer, TruncationDirection
 from embedder.lengths import resolve_max_length, usable_positions
 from embedder.sentence_folder import (
-    _TRANSFORMER_CONFIG_FILES,
     DEFAULT_PROMPTS,
     UnsupportedModelError,
     _join,
+    check_folder,
+    check_lowercasing,
     module_kwargs,
     read_json,
     read_prompts,
     resolve_prompt,
+    transformer_settings,
 )
 from embedder.transformer_embedder import check_type_ids, number_of_token_type_embeddings, run_transformer
 
@@ -62,7 +64,6 @@ MLM_MODULES = ("MLMTransformer", "Transformer")
 SPARSE_MODULES = (*MLM_MODULES, "SpladePooling")
 #: ``transformers`` class the masked-LM is loaded with (as sentence-transformers' fill-mask task).
 MASKED_LM_CLASS = "AutoModelForMaskedLM"
-_LOWERCASE_PROBE = "Embedding Cluster ABC"
 
 
 @dataclass(frozen=True)
@@ -132,12 +133,7 @@ def _module_name(model_name: str, entry: dict) -> str:
 
 
 def _read_mlm_transformer(model_name: str, path: str, name: str) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    for filename in _TRANSFORMER_CONFIG_FILES:
-        found = read_json(model_name, _join(path, filename))
-        if found is not None:
-            config = found
-            break
+    config = transformer_settings(model_name, path)
     where = f"{model_name}/{path or '.'}"
     default_task = "fill-mask" if name == "MLMTransformer" else "feature-extraction"
     task = config.get("transformer_task", default_task)
@@ -199,8 +195,7 @@ def read_sparse_folder(model_name: str | Path) -> SparseFolder:
     SpladePooling route and any number of ``SparseStaticEmbedding`` routes; a plain ``*ForMaskedLM``
     folder is the masked-LM with SpladePooling's defaults (max, relu), as sentence-transformers reads it."""
     model_name = str(model_name)
-    if (Path(model_name).is_absolute() or model_name.startswith(".")) and not Path(model_name).is_dir():
-        raise UnsupportedModelError(f"{model_name}: no such folder")
+    check_folder(model_name)
     if is_masked_lm_folder(model_name):
         return SparseFolder(model_name=model_name, transformer_path=model_name)
     modules = read_json(model_name, "modules.json")
@@ -326,9 +321,7 @@ def resolve_sparse_encoder(model_name: str | Path, max_length: int | None = None
     the folder's); ``UnsupportedModelError`` for what cannot be reproduced. No weights are loaded."""
     folder = read_sparse_folder(model_name)
     tokenizer = get_tokenizer(folder.transformer_path, **{**folder.tokenizer_kwargs, **(tokenizer_kwargs or {})})
-    if folder.do_lower_case and tokenizer.tokenize(_LOWERCASE_PROBE) != tokenizer.tokenize(_LOWERCASE_PROBE.lower()):
-        raise UnsupportedModelError(f"{model_name}: sentence_bert_config.json asks for do_lower_case, which its "
-                                    "tokenizer does not do; lowercase texts before sending them and set it to false")
+    check_lowercasing(str(model_name), folder.do_lower_case, tokenizer)
     config = AutoConfig.from_pretrained(folder.transformer_path, **folder.config_kwargs)
     length = resolve_max_length(max_length, model_name=str(model_name), max_seq_length=folder.max_seq_length,
                                 tokenizer=tokenizer, config=config)

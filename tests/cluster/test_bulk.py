@@ -224,6 +224,8 @@ def test_embed_dataset_refuses_a_column_it_writes(serve_cluster, fp32_model):
 def test_a_row_past_the_serving_limits_fails_alone(serve_cluster, fp32_model):
     """Bulk rows meet the serving path's per-request limits: the long row gets its error, the others
     their vectors, from the same block."""
+    import ray
+
     rows = [{"text": "a short text"}, {"text": "word " * 500}, {"text": "another short one"}]
     limits = LimitsSettings(max_chars_per_input=1000, max_wordpieces_per_request=400)
     out = embed_dataset(ray.data.from_items(rows), fp32_model, encode_actors=1, tokenize_actors=1, limits=limits,

@@ -81,6 +81,9 @@ PROPERTY_LIMITS = LimitsSettings(max_body_bytes=64 * 1024, max_inputs_per_reques
                                  max_wordpieces_per_request=4000, max_chunks_per_request=256, max_words_per_request=2000)
 #: a generous bound on any one request's time: a refusal is at once, an answer is a few forward passes
 REQUEST_SECONDS = 20.0
+#: the most answer bytes one body byte may cause: a one-letter input ("a", 4 bytes) answers a 32-wide vector
+#: (about 900 bytes) per pooling mode, a span ([0, 3000], 12 bytes) echoes 3,000 characters
+ANSWER_PER_BODY_BYTE = 2000
 
 words = st.text(alphabet="abc xyz", min_size=1, max_size=12).filter(str.strip)
 #: sizes drawn across each limit (a text of up to 3,500 characters, up to 48 of them, a prompt of up to
@@ -139,6 +142,7 @@ def test_every_body_is_refused_at_once_or_answered_within_its_budget(property_ur
                 assert response.json()["error"]["message"]
             else:
                 assert len(response.content) <= PROPERTY_LIMITS.max_answer_bytes, (route, len(response.content))
+                assert len(response.content) <= ANSWER_PER_BODY_BYTE * len(content), (route, len(content))
 
         check()
     logger.warning("cost property: answers by status %s", seen)
