@@ -25,9 +25,10 @@ SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """Tests on the session's cluster carry the ``cluster`` marker (``make test-fast`` leaves them out)."""
+    """Tests on the session's cluster, or on a cluster ``serve`` starts, carry the ``cluster`` marker
+    (``make test-fast`` leaves them out)."""
     for item in items:
-        if "serve_cluster" in getattr(item, "fixturenames", ()):
+        if {"serve_cluster", "start_cli_serve"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
 
 
