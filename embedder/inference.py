@@ -16,7 +16,7 @@ from typing import Literal, get_args, overload
 import numpy as np
 import torch
 
-from embedder.batching import padded_tokens, plan_sub_batches
+from embedder.batching import padded_groups
 from embedder.chunking import chunk_vectors
 from embedder.devices import host_to_device
 from embedder.folded_batch import FoldedBatch
@@ -61,23 +61,19 @@ def _run_segments(
     token_ids = batch.token_ids.astype(np.int64)
     type_ids = None if batch.type_ids is None else batch.type_ids.astype(np.int64)
     output = torch.empty(batch.num_tokens, embedder.get_output_dim(), dtype=torch.float32, device=device)
-    groups = plan_sub_batches(lengths, max_batch_tokens)
-    for group in groups:
-        group_lengths = lengths[group]
-        width = int(group_lengths.max())
-        positions = np.arange(width)
-        mask = positions[None, :] < group_lengths[:, None]
-        source = np.where(mask, starts[group][:, None] + positions[None, :], 0)
-        ids = np.where(mask, token_ids[source], embedder.pad_token_id)
-        types = None if type_ids is None else host_to_device(np.where(mask, type_ids[source], 0), device)
-        real = np.flatnonzero(mask)  # the real tokens among the padded batch's positions
-        hidden = embedder.encode_segments(host_to_device(ids, device), host_to_device(mask, device), types)
+    groups = computed = 0
+    for padded in padded_groups(lengths, starts, token_ids, type_ids, embedder.pad_token_id, max_batch_tokens):
+        groups, computed = groups + 1, computed + padded.ids.size
+        types = None if padded.types is None else host_to_device(padded.types, device)
+        real = np.flatnonzero(padded.mask)  # the real tokens among the padded batch's positions
+        hidden = embedder.encode_segments(host_to_device(padded.ids, device), host_to_device(padded.mask, device),
+                                          types)
         real_rows = hidden.reshape(-1, hidden.size(-1)).index_select(0, host_to_device(real, device))
-        output.index_copy_(0, host_to_device(source.reshape(-1)[real], device), real_rows.float())
+        output.index_copy_(0, host_to_device(padded.source.reshape(-1)[real], device), real_rows.float())
     if stats is not None:
         stats.real_tokens += batch.num_tokens
-        stats.computed_tokens += padded_tokens(lengths, groups)
-        stats.sub_batches += len(groups)
+        stats.computed_tokens += computed
+        stats.sub_batches += groups
     return output
 
 

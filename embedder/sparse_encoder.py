@@ -33,7 +33,7 @@ import scipy.sparse
 import torch
 from transformers import AutoConfig
 
-from embedder.batching import plan_sub_batches
+from embedder.batching import padded_groups
 from embedder.cache import ModelSpec, cached_model, get_tokenizer
 from embedder.devices import choose_dtype, host_to_device, resolve_device
 from embedder.folded_batch import FoldedBatch
@@ -490,13 +490,11 @@ class SparseEncoderModel:
         # in float64, so that an input's vector does not depend on the order its segments ran in
         pooled = torch.zeros(last_input - first_input, self.vocab_size, device=device,
                              dtype=torch.float32 if use_max else torch.float64)
-        for group in plan_sub_batches(lengths, max_batch_tokens):
-            width = int(lengths[group].max())
-            positions = np.arange(width)
-            real = positions[None, :] < lengths[group][:, None]
-            source = np.where(real, starts[group][:, None] + positions[None, :], 0)
-            ids = np.where(real, token_ids[source], self.pad_token_id)
-            types = None if type_ids is None else host_to_device(np.where(real, type_ids.numpy()[source], 0), device)
+        host_types = None if type_ids is None else type_ids.numpy()
+        for padded in padded_groups(lengths, starts, token_ids, host_types, self.pad_token_id, max_batch_tokens):
+            group, positions, real, ids = padded.segments, padded.positions, padded.mask, padded.ids
+            types = None if padded.types is None else host_to_device(padded.types, device)
+            width = len(positions)
             if self.max_positions is not None and width > self.max_positions:
                 raise ValueError(f"segments of {width} wordpieces are longer than the {self.max_positions} positions "
                                  f"of {self.folder.model_name}")
