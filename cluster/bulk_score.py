@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from ray.data import Dataset
 
 from cluster.bulk import (
@@ -35,7 +34,7 @@ from cluster.bulk import (
     refuse_written_columns,
 )
 from cluster.bulk_job import BulkSummary, run_job
-from deployments.loading import replica_device
+from deployments.loading import prepare_device
 from deployments.settings import ModelConfig
 from deployments.validation import text_problem
 from embedder import CrossEncoderScorer, PairScore
@@ -92,10 +91,8 @@ class ScoreStage:
 
     def __init__(self, model: ModelConfig, query_column: str, document_column: str, truncate: bool,
                  aggregate: str, activate: bool, max_windows: int, threads: int | None = None) -> None:
-        device = replica_device(model)
-        if device.type == "cpu":
-            torch.set_num_threads(threads or model.cpu_threads)
-        self._scorer = CrossEncoderScorer(model.model_name, max_length=model.max_length, dtype=model.dtype,
+        device, dtype = prepare_device(model, threads)
+        self._scorer = CrossEncoderScorer(model.model_name, max_length=model.max_length, dtype=dtype,
                                           device=device, max_batch_tokens=model.max_batch_tokens)
         self._query_column = query_column
         self._document_column = document_column

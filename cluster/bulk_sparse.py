@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import scipy.sparse
-import torch
 from ray.data import Dataset
 
 from cluster.bulk import (
@@ -33,11 +32,10 @@ from cluster.bulk import (
     row_problem,
 )
 from cluster.bulk_job import BulkSummary, run_job
-from deployments.loading import replica_device
+from deployments.loading import prepare_device
 from deployments.model_heads import SparseHead, csr_rows
 from deployments.settings import ModelConfig
 from deployments.sparse_pipeline import task_prompt_name
-from embedder.devices import choose_dtype
 from embedder.sparse_encoder import SparseEncoderModel, check_max_active_dims
 
 logger = logging.getLogger(__name__)
@@ -76,11 +74,9 @@ class SparseStage:
 
     def __init__(self, model: ModelConfig, text_column: str, truncate: bool, prompt: str | None, task: str | None,
                  max_active_dims: int | None, threads: int | None = None) -> None:
-        device = replica_device(model)
-        if device.type == "cpu":
-            torch.set_num_threads(threads or model.cpu_threads)
-        self._model = SparseEncoderModel(model.model_name, max_length=model.max_length,
-                                         dtype=choose_dtype(model.dtype, device), device=str(device))
+        device, dtype = prepare_device(model, threads)
+        self._model = SparseEncoderModel(model.model_name, max_length=model.max_length, dtype=dtype,
+                                         device=str(device))
         self._route = self._model.route(task)
         self._text_column = text_column
         self._truncate = truncate

@@ -70,6 +70,17 @@ def replica_device(model: ModelConfig) -> torch.device:
     return placement(model.device, ray.get_gpu_ids() if in_actor else None, torch.cuda.is_available())
 
 
+def prepare_device(model: ModelConfig, threads: int | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype this process runs ``model`` (``replica_device``; ``choose_dtype`` of its
+    ``dtype``), with torch on ``threads`` threads on a CPU (default: the model's ``torch_threads``, else
+    its ``num_cpus``), so that replicas sharing a machine do not oversubscribe its cores: the one
+    set-up of every kind's serving head and bulk stage."""
+    device = replica_device(model)
+    if device.type == "cpu":
+        torch.set_num_threads(threads or model.cpu_threads)
+    return device, choose_dtype(model.dtype, device)
+
+
 def concurrent_batches(model: ModelConfig, device: torch.device) -> int:
     """How many batches a replica runs at once, each on its own thread. On a CPU, two batches on
     one torch thread each beat one batch on two (bench corpus, 2 cores: 430 against 330-400
@@ -91,10 +102,7 @@ def load_encoder(model: ModelConfig, threads: int | None = None,
     ``torch_threads``, else its ``num_cpus``), so that replicas sharing a machine do
     not oversubscribe its cores.
     """
-    device = replica_device(model)
-    if device.type == "cpu":
-        torch.set_num_threads(threads or model.cpu_threads)
-    dtype = choose_dtype(model.dtype, device)
+    device, dtype = prepare_device(model, threads)
     source = "disk"
     own_user = None
     try:

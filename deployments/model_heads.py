@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from deployments.errors import BadRequestError, PayloadTooLargeError
-from deployments.loading import load_encoder, replica_device
+from deployments.loading import load_encoder, prepare_device
 from deployments.protocol import EncodeOptions, EncodeResult, ScoreRequest, SparseRequest, SparseResult
 from deployments.settings import ModelConfig
 from deployments.validation import check_wordpieces
 from embedder.chunking import TooManyChunksError
 from embedder.cross_encoder import CrossEncoderScorer, ScoringPlan
-from embedder.devices import choose_dtype
 from embedder.folded_batch import FoldedBatch
 from embedder.inference import EncodeStats, encode_folded
 from embedder.pair_windows import InputTooLongError
@@ -165,11 +164,8 @@ class PairScoreHead:
 
     def __init__(self, model: ModelConfig, threads: int) -> None:
         self._config = model
-        device = replica_device(model)
-        if device.type == "cpu":
-            torch.set_num_threads(threads)
-        self.scorer = CrossEncoderScorer(model.model_name, max_length=model.max_length,
-                                         dtype=choose_dtype(model.dtype, device), device=str(device),
+        device, dtype = prepare_device(model, threads)
+        self.scorer = CrossEncoderScorer(model.model_name, max_length=model.max_length, dtype=dtype, device=str(device),
                                          max_batch_tokens=model.max_batch_tokens)
         self.kind = model.kind
         self.weights_source = "disk, no store"
@@ -270,11 +266,8 @@ class SparseHead:
 
     def __init__(self, model: ModelConfig, threads: int) -> None:
         self._config = model
-        device = replica_device(model)
-        if device.type == "cpu":
-            torch.set_num_threads(threads)
-        self.model = SparseEncoderModel(model.model_name, max_length=model.max_length,
-                                        dtype=choose_dtype(model.dtype, device), device=str(device))
+        device, dtype = prepare_device(model, threads)
+        self.model = SparseEncoderModel(model.model_name, max_length=model.max_length, dtype=dtype, device=str(device))
         self.weights_source = "disk, no store"
         self.device, self.dtype = self.model.device, next(self.model.model.parameters()).dtype
         self.weights: nn.Module = self.model.model

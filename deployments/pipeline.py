@@ -315,8 +315,8 @@ class EmbeddingPipeline:
         name = self._model(request.model)
         width = (await self._model_info(name))["wordpiece_dim"]
         per_wordpiece = request.level == "wordpiece"
-        fold = self._texts_or_words(name, request, return_wordpieces=per_wordpiece,
-                                    max_answer_rows=wordpiece_answer_rows(width, self._limits) if per_wordpiece else None)
+        most_rows = wordpiece_answer_rows(width, self._limits) if per_wordpiece else None
+        fold = self._texts_or_words(name, request, return_wordpieces=per_wordpiece, max_answer_rows=most_rows)
         self._check_cost(fold_cost(fold, vectors=0 if per_wordpiece else sum(map(len, fold.words)), width=width))
         result = await self._encode(fold, EncodeOptions(level=request.level, sub_token_mode=request.sub_token_mode),
                                     route)
