@@ -32,9 +32,9 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.config import ClusterConfig
-from deployments.loading import concurrent_batches, load_encoder, load_indexer
 from deployments.cost import check_cost, text_cost
 from deployments.errors import PayloadTooLargeError
+from deployments.loading import concurrent_batches, load_encoder, load_indexer
 from deployments.settings import LimitsSettings, ModelConfig
 from deployments.validation import check_pooling, check_wordpieces, quantization_ranges, quantized, text_problem
 from deployments.weight_store import STORE_NAME, STORE_NAMESPACE

@@ -33,10 +33,14 @@ from cluster.bulk import (
 )
 from cluster.bulk_job import BulkSummary, run_job
 from deployments.loading import prepare_device
-from deployments.model_heads import SparseHead, csr_rows
 from deployments.settings import ModelConfig
-from deployments.sparse_pipeline import task_prompt_name
-from embedder.sparse_encoder import SparseEncoderModel, check_max_active_dims
+from embedder.sparse_encoder import (
+    LOGITS_BATCH_TOKENS,
+    SparseEncoderModel,
+    check_max_active_dims,
+    csr_rows,
+    task_prompt_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ class SparseStage:
             return matrix, np.asarray(counts, dtype=np.int32)
         batch = model.indexer.fold(texts, truncate=self._truncate, prompt=self._prompt)
         matrix = model.encode_folded(batch, max_active_dims=self._max_active_dims,
-                                     max_batch_tokens=SparseHead.SUB_BATCH_TOKENS)
+                                     max_batch_tokens=LOGITS_BATCH_TOKENS)
         return matrix, batch.num_wordpieces
 
 

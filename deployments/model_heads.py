@@ -28,7 +28,7 @@ from embedder.folded_batch import FoldedBatch
 from embedder.inference import EncodeStats, encode_folded
 from embedder.pair_windows import InputTooLongError
 from embedder.sentence_pooling import check_pooling_modes
-from embedder.sparse_encoder import SparseEncoderModel, check_max_active_dims
+from embedder.sparse_encoder import LOGITS_BATCH_TOKENS, SparseEncoderModel, check_max_active_dims, csr_rows
 from embedder.transformer_embedder import check_type_ids
 
 WARM_UP_TEXT = "warm up the encoder"
@@ -248,13 +248,6 @@ class SparseOutput:
     timings: dict[str, float]
 
 
-def csr_rows(matrix) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each row of a CSR matrix as ``(indices ascending, values)``."""
-    matrix.sort_indices()
-    return [(matrix.indices[start:end].astype(np.int32), matrix.data[start:end].astype(np.float32))
-            for start, end in zip(matrix.indptr[:-1], matrix.indptr[1:])]
-
-
 class SparseHead:
     """SPLADE vectors of a sentence-transformers ``SparseEncoder`` folder (``embedder.sparse_encoder``):
     long inputs folded, the masked-LM's logits reduced sub-batch by sub-batch of at most
@@ -262,7 +255,7 @@ class SparseHead:
     logits), only the non-zeros kept. Its weights load from disk in each replica."""
 
     kind = "sparse"
-    SUB_BATCH_TOKENS = 2048
+    SUB_BATCH_TOKENS = LOGITS_BATCH_TOKENS
 
     def __init__(self, model: ModelConfig, threads: int) -> None:
         self._config = model

@@ -14,19 +14,7 @@ from deployments.protocol import SparseRequest, SparseResult
 from deployments.scoring_pipeline import ScoringPipeline
 from deployments.sparse_schema import EmbedSparseRequest
 from deployments.validation import check_texts, parse_request
-
-#: The prompts ``SparseEncoder.encode_query`` / ``encode_document`` use when a request names none.
-TASK_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
-
-
-def task_prompt_name(prompts: dict[str, str], task: str | None, prompt_name: str | None,
-                     prompt: str | None) -> str | None:
-    """The prompt name a request gives, else (no prompt at all) the one ``SparseEncoder.encode_query``
-    / ``encode_document`` use for its ``task``, if the model has it."""
-    if prompt_name is None and prompt is None and task is not None:
-        return next((key for key in TASK_PROMPTS[task] if key in prompts), None)
-    return prompt_name
-
+from embedder.sparse_encoder import task_prompt_name
 
 class SparsePipeline(ScoringPipeline):
     """The scoring pipeline, plus sparse embeddings (``/embed_sparse``)."""

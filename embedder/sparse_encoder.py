@@ -274,6 +274,9 @@ def splade_activation(logits: torch.Tensor, activation_function: Activation) -> 
     return values.log1p_() if activation_function == "log1p_relu" else values
 
 
+#: Tokens of a masked-LM sub-batch: its logits are [tokens, vocabulary] (2048 wordpieces against a 30k
+#: vocabulary are 250 MB of float32), reduced before the next sub-batch runs.
+LOGITS_BATCH_TOKENS = 2048
 #: Rows of an inference-free route's answer made dense at once to keep their top-k.
 STATIC_TOP_K_ROWS = 64
 
@@ -425,7 +428,7 @@ class SparseEncoderModel:
         prompt: str | None = None,
         max_active_dims: int | None = None,
         task: str | None = None,
-        max_batch_tokens: int = 2048,
+        max_batch_tokens: int = LOGITS_BATCH_TOKENS,
         max_inputs_per_group: int = 64,
     ) -> scipy.sparse.csr_matrix:
         """``[n, vocab]`` float32 sparse vectors (one row for one string), as
@@ -452,7 +455,8 @@ class SparseEncoderModel:
                                   max_inputs_per_group=max_inputs_per_group)
 
     def encode_folded(self, batch: FoldedBatch, *, max_active_dims: int | None = None,
-                      max_batch_tokens: int = 2048, max_inputs_per_group: int = 64) -> scipy.sparse.csr_matrix:
+                      max_batch_tokens: int = LOGITS_BATCH_TOKENS,
+                      max_inputs_per_group: int = 64) -> scipy.sparse.csr_matrix:
         """The sparse vectors of an already folded batch (from ``fold``)."""
         k = check_max_active_dims(max_active_dims)
         k = self.folder.max_active_dims if k is None else k
@@ -562,6 +566,26 @@ class StaticRoute:
             (np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32),
              np.concatenate(indices).astype(np.int32) if indices else np.zeros(0, np.int32), np.asarray(indptr)),
             shape=(len(texts), len(self.weight)))
+
+
+def csr_rows(matrix: scipy.sparse.csr_matrix) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row of a CSR matrix as ``(indices ascending, values)`` (int32 and float32 arrays)."""
+    matrix.sort_indices()
+    return [(matrix.indices[start:end].astype(np.int32), matrix.data[start:end].astype(np.float32))
+            for start, end in zip(matrix.indptr[:-1], matrix.indptr[1:])]
+
+
+#: The prompts ``SparseEncoder.encode_query`` / ``encode_document`` use when a call names none.
+TASK_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
+
+def task_prompt_name(prompts: dict[str, str], task: str | None, prompt_name: str | None,
+                     prompt: str | None) -> str | None:
+    """The prompt name a call gives, else (no prompt at all) the one ``SparseEncoder.encode_query``
+    / ``encode_document`` use for its ``task``, if the model has it (``prompts``: its prompts)."""
+    if prompt_name is None and prompt is None and task is not None:
+        return next((key for key in TASK_PROMPTS[task] if key in prompts), None)
+    return prompt_name
 
 
 def sparse_row(row: scipy.sparse.spmatrix | np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
