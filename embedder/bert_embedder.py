@@ -53,12 +53,14 @@ class BertEmbedder(torch.nn.Module):
         )
 
     def get_output_dim(self) -> int:
+        """The size of each output vector (the transformer's hidden size)."""
         return self.output_dim
 
     def _frozen(self) -> bool:
         return not any(p.requires_grad for p in self.bert_model.parameters())
 
     def train(self, mode: bool = True) -> "BertEmbedder":
+        """``Module.train``, except that a frozen BERT stays in eval mode (dropout off)."""
         return train_keeping_frozen(self, mode, "bert_model", frozen=self._frozen())
 
     def _split_windows(self, tensor: torch.Tensor) -> torch.Tensor:

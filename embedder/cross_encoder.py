@@ -368,7 +368,8 @@ class ScoringHead(Protocol):
     auto_class: str  # the ``transformers`` Auto class that loads the model
     pads_left: bool  # whether inputs must be left-padded, whatever the tokenizer's side
 
-    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The raw scores ``[rows, labels]`` of a padded batch of model inputs (each ``[rows, length]``)."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +381,7 @@ class SequenceClassificationHead:
     pads_left = False
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The classifier's logits ``[rows, num_labels]`` of a padded batch (inputs ``[rows, length]``)."""
         return model(**batch).logits
 
 
@@ -410,7 +412,7 @@ class PairFormat(Protocol):
         """Single texts (a classifier's inputs) and the span of each that is kept."""
 
 
-class TokenizerPairs:
+class TokenizerPairs(PairFormat):
     """``tokenizer(queries, documents)``: the tokenizer's pair template, the prompt before the query."""
 
     def __init__(self, tokenizer: Any) -> None:

@@ -53,6 +53,7 @@ _SUFFIX_FILLERS = ("0", "1 2 3 4")
 
 
 def is_logit_score_module(kind: str) -> bool:
+    """Whether a ``modules.json`` type names sentence-transformers' ``LogitScore`` module."""
     return kind.startswith("sentence_transformers.") and kind.rsplit(".", 1)[-1] == "LogitScore"
 
 
@@ -299,5 +300,6 @@ class ChatTemplatePairs:
 
     def encode_texts(self, texts: Sequence[str], truncate: bool, max_length: int,
                      keys: Sequence[str]) -> tuple[dict[str, list[list[int]]], list[tuple[int, int]]]:
+        """Refused: an LLM reranker scores (query, document) pairs, never single texts (``ValueError``)."""
         raise ValueError("this LLM reranker renders (query, document) pairs through its chat template; it scores "
                          "pairs, not single texts")

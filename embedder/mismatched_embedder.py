@@ -47,6 +47,7 @@ class PretrainedTransformerMismatchedEmbedder(torch.nn.Module):
         self.sub_token_mode = sub_token_mode
 
     def get_output_dim(self) -> int:
+        """The size of each word vector (the wordpiece embedder's)."""
         return self._matched_embedder.get_output_dim()
 
     def forward(

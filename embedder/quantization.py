@@ -27,6 +27,7 @@ RANGED_PRECISIONS = ("int8", "uint8")
 
 
 def check_precision(precision: str) -> str:
+    """``precision`` when it is one of ``PRECISIONS``, else ``ValueError`` naming them."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
@@ -39,6 +40,7 @@ def quantized_width(dim: int, precision: str) -> int:
 
 
 def quantized_dtype(precision: str) -> np.dtype:
+    """The numpy dtype of a vector in ``precision``: float32, or int8/uint8 (the binary ones packed)."""
     check_precision(precision)
     if precision == "float32":
         return np.dtype(np.float32)

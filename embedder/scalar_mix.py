@@ -42,6 +42,20 @@ class ScalarMix(torch.nn.Module):
         self.gamma = torch.nn.Parameter(torch.tensor([1.0]), requires_grad=trainable)
 
     def forward(self, tensors: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix ``mixture_size`` tensors of one shape (``[batch, length, dim]``, a layer each).
+
+        Parameters
+        ----------
+        tensors : ``Sequence[torch.Tensor]``
+            ``mixture_size`` tensors of shape ``[batch, length, dim]``.
+        mask : ``torch.Tensor``, optional
+            ``[batch, length]``, True at real positions: the positions ``do_layer_norm`` normalizes over
+            (required with it).
+
+        Returns
+        -------
+        ``[batch, length, dim]``: ``gamma * sum_k softmax(w)_k * h_k``.
+        """
         if len(tensors) != self.mixture_size:
             raise ValueError(f"{len(tensors)} tensors were passed, but the module was initialized "
                              f"to mix {self.mixture_size} tensors.")

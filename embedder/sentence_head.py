@@ -45,6 +45,8 @@ class Dense(torch.nn.Module):
             self.residual = torch.nn.Linear(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, in_features]`` vectors through the linear layer and activation (plus the residual when
+        asked): ``[n, out_features]``."""
         out = self.activation_function(self.linear(x))
         if self.use_residual:
             out = out + (self.residual(x) if hasattr(self, "residual") else x)
@@ -60,6 +62,7 @@ class LayerNorm(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(dimension)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, dim]`` sentence vectors layer-normalized: ``[n, dim]``."""
         return self.norm(x)
 
 
@@ -67,6 +70,7 @@ class Normalize(torch.nn.Module):
     """L2 normalization (sentence-transformers' ``Normalize``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, dim]`` vectors scaled to unit L2 norm: ``[n, dim]``."""
         return F.normalize(x, p=2, dim=-1)
 
 
@@ -130,6 +134,7 @@ class SentenceHead(torch.nn.Module):
         return any(isinstance(m, Normalize) for m in self.layers)
 
     def get_output_dim(self) -> int:
+        """The sentence vector's size with the folder's pooling modes, after every module."""
         return self.output_dim
 
     def output_dim_for(self, modes: tuple[str, ...]) -> int:

@@ -145,6 +145,7 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
             self.transformer_model.eval()
 
     def get_output_dim(self) -> int:
+        """The size of each output vector: the transformer's hidden size (of the ``sub_module`` when set)."""
         return self.output_dim
 
     @property
@@ -160,6 +161,8 @@ class PretrainedTransformerEmbedder(torch.nn.Module):
         return next(self.transformer_model.parameters()).dtype
 
     def train(self, mode: bool = True) -> "PretrainedTransformerEmbedder":
+        """``Module.train``, except that with ``train_parameters=False`` the transformer stays in eval
+        mode (dropout off), as AllenNLP's does, even when a parent module calls ``.train()``."""
         return train_keeping_frozen(self, mode, "transformer_model", frozen=not self.train_parameters)
 
     def encode_segments(
