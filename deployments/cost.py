@@ -85,30 +85,31 @@ def precision_width(width: int, precision: str) -> tuple[int, int]:
     return width, VALUE_BYTES if precision == "float32" else QUANTIZED_VALUE_BYTES
 
 
-def _too_large(what: str, asked: int, limit_name: str, limit: int, advice: str = "") -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"{what} {asked}, over the limit {limit_name}={limit}" + (f"; {advice}" if advice
-                                                                                       else ""))
+def _too_large(what: str, limit_name: str, limit: int, advice: str = "") -> PayloadTooLargeError:
+    """413: ``what`` (the number asked, in words), the limit's name and value, and ``advice``."""
+    return PayloadTooLargeError(f"{what}, over the limit {limit_name}={limit}" + (f"; {advice}" if advice else ""))
 
 
 def check_cost(cost: RequestCost, limits: LimitsSettings) -> RequestCost:
     """``cost`` when it is within every limit, else a 413 (``PayloadTooLargeError``) naming the first
     limit it passes and the number asked."""
     if cost.inputs > limits.max_inputs_per_request:
-        raise _too_large("inputs in one request:", cost.inputs, "max_inputs_per_request",
+        raise _too_large(f"{cost.inputs} inputs in one request", "max_inputs_per_request",
                          limits.max_inputs_per_request)
     if cost.longest_input_chars > limits.max_chars_per_input:
-        raise _too_large("an input (with the prompt or query joined to it) has characters:", cost.longest_input_chars,
+        raise _too_large(f"an input has {cost.longest_input_chars} characters with the prompt or query joined to it",
                          "max_chars_per_input", limits.max_chars_per_input)
     if cost.chars > limits.max_chars_per_request:
-        raise _too_large("characters to tokenize (a prompt or query counted once per input):", cost.chars,
-                         "max_chars_per_request", limits.max_chars_per_request, "split it into smaller requests")
+        raise _too_large(f"the request has {cost.chars} characters to tokenize (a prompt or query counted once per "
+                         "input it is joined to)", "max_chars_per_request", limits.max_chars_per_request,
+                         "split it into smaller requests")
     if cost.words > limits.max_words_per_request:
-        raise _too_large("the request has words:", cost.words, "max_words_per_request", limits.max_words_per_request)
+        raise _too_large(f"the request has {cost.words} words", "max_words_per_request", limits.max_words_per_request)
     if cost.chunks > limits.max_chunks_per_request:
-        raise _too_large("the request has spans:", cost.chunks, "max_chunks_per_request",
+        raise _too_large(f"the request has {cost.chunks} spans", "max_chunks_per_request",
                          limits.max_chunks_per_request)
     if cost.answer_bytes > limits.max_answer_bytes:
-        raise _too_large("the answer could take bytes:", cost.answer_bytes, "max_answer_bytes",
+        raise _too_large(f"the answer could take {cost.answer_bytes} bytes", "max_answer_bytes",
                          limits.max_answer_bytes, "ask for fewer inputs, dimensions, pooling modes or spans")
     return cost
 
@@ -121,7 +122,7 @@ def check_sparse_answer(nonzeros: int, rows: int, tokens: bool, limits: LimitsSe
     entry = 2 * VALUE_BYTES + (ROW_BYTES if tokens else 0)
     size = nonzeros * entry + rows * ROW_BYTES
     if size > limits.max_answer_bytes:
-        raise _too_large("the sparse vectors' answer would take bytes:", size, "max_answer_bytes",
+        raise _too_large(f"the sparse vectors' answer would take {size} bytes", "max_answer_bytes",
                          limits.max_answer_bytes, "send fewer texts per request, or set max_active_dims")
 
 
@@ -134,6 +135,6 @@ def wordpiece_answer_rows(width: int, limits: LimitsSettings, value_bytes: int =
 def check_answer_rows(rows: int, most: int | None, limits: LimitsSettings) -> None:
     """413 when a tokenized request's answer has more rows than ``most`` (``wordpiece_answer_rows``)."""
     if most is not None and rows > most:
-        raise _too_large("the answer has rows (one vector per wordpiece):", rows, "max_answer_bytes",
+        raise _too_large(f"the answer has {rows} rows (one vector per wordpiece)", "max_answer_bytes",
                          limits.max_answer_bytes, f"at most {most} rows of this model fit; send fewer or shorter "
                                                   "inputs, or ask for level 'word'")
