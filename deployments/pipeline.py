@@ -255,7 +255,10 @@ class EmbeddingPipeline:
                            return_wordpieces=return_wordpieces, max_answer_rows=max_answer_rows)
 
     async def _model_info(self, name: str) -> dict:
+        """The model's settings as its replicas report them (asked once; a 503 at once when no replica
+        runs or will, as for ``_call_model``)."""
         if name not in self._infos:
+            await self._refuse_unplaced(name)
             self._infos[name] = await self._run(lambda: self._encoders[name].info.remote())
         return self._infos[name]
 

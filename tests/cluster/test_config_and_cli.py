@@ -224,15 +224,18 @@ def test_a_model_that_cannot_be_placed_answers_503_and_ctrl_c_stops_serve(tmp_pa
                    {"name": "needs-a-gpu", "model_name": tiny_bert_path, "num_cpus": 0.1, "num_gpus": 1}]}))
     process = start_cli_serve(config, port)
     try:
-        deadline, answer = time.monotonic() + 120, None
+        # Serve says a replica waits to be scheduled once it has waited 30 s; /ready shows it
+        deadline, ready = time.monotonic() + 150, None
         while time.monotonic() < deadline:
-            started = time.monotonic()
-            answer = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["x"], "model": "needs-a-gpu"},
-                                timeout=60)
-            if answer.status_code == 503:
+            ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30)
+            if "to be scheduled" in ready.text:
                 break
             time.sleep(2)
-        assert answer is not None and answer.status_code == 503, answer.text if answer else None
+        assert ready is not None and ready.status_code == 503 and "to be scheduled" in ready.text, ready.text
+        started = time.monotonic()
+        answer = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["x"], "model": "needs-a-gpu"},
+                            timeout=30)
+        assert answer.status_code == 503, answer.text
         assert time.monotonic() - started < 5
         assert "needs-a-gpu" in answer.json()["error"]["message"] and "scheduled" in answer.json()["error"]["message"]
         tiny = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["x"], "model": "tiny"}, timeout=60)
